@@ -1,0 +1,196 @@
+"""TOML config -> frozen dataclasses. Every error names the key and its line."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .cidrs import load_cidr_file, parse_cidrs, union
+from .errors import ConfigError, InvalidArgument
+from .ifname import parse_mode, validate_ifname
+from .model import AddressSet, BypassSettings, Config, FailurePolicy, LinkMode, TproxySettings
+
+DEFAULT_PATH = Path("/etc/tproxyd/config.toml")
+# Sections that later features own; accepted (and ignored) so configs written for them still load.
+RESERVED_SECTIONS = ("core", "networkmanager")
+_RESERVED_ROUTE_TABLES = (0, 253, 254, 255)  # unspec, default, main, local
+
+
+class _Source:
+    """Finds the line a key is on, for error messages (tomllib reports no positions)."""
+
+    _header = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]")
+    _key = re.compile(r"""^\s*(?:"((?:[^"\\]|\\.)*)"|'([^']*)'|([A-Za-z0-9_-]+))\s*=""")
+
+    def __init__(self, name: str, text: str) -> None:
+        self.name = name
+        self.lines = text.splitlines()
+
+    def line_of(self, section: str, key: str | None = None) -> int | None:
+        current = ""
+        for lineno, line in enumerate(self.lines, 1):
+            header = self._header.match(line)
+            if header:
+                current = header.group(1).strip().strip("\"'")
+                if key is None and current == section:
+                    return lineno
+                continue
+            m = self._key.match(line)
+            if m and current == section and key is not None:
+                found = next(g for g in m.groups() if g is not None)
+                if found == key:
+                    return lineno
+        return None
+
+    def error(self, section: str, key: str | None, message: str) -> ConfigError:
+        line = self.line_of(section, key)
+        where = f"{self.name}:{line}" if line else self.name
+        name = ".".join(p for p in (section, key) if p)
+        return ConfigError(f"{where}: {name}: {message}")
+
+
+def _int_in(lo: int, hi: int) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if isinstance(v, bool) or not isinstance(v, int):
+            return f"must be an integer, got {_show(v)}"
+        if not lo <= v <= hi:
+            return f"must be between {lo} and {hi}, got {v}"
+        return None
+
+    return check
+
+
+def _is_bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else f"must be true or false, got {_show(v)}"
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_TPROXY_KEYS: dict[str, Callable[[Any], str | None]] = {
+    "port": _int_in(1, 65535),
+    "mark": _int_in(1, 0xFFFFFFFF),
+    "core_mark": _int_in(1, 0xFFFFFFFF),
+    "route_table": _int_in(1, 0xFFFFFFFF),
+    "rule_priority": _int_in(1, 32765),
+    "ipv6": _is_bool,
+    "udp": _is_bool,
+    "dns_hijack": _is_bool,
+    "failure_policy": lambda v: None
+    if v in ("open", "closed")
+    else f"must be \"open\" or \"closed\", got {_show(v)}",
+}
+_BYPASS_KEYS: dict[str, Callable[[Any], str | None]] = {
+    "reserved": _is_bool,
+    "local_subnets": _is_bool,
+    "cidrs": lambda v: None
+    if isinstance(v, list) and all(isinstance(x, str) for x in v)
+    else "must be a list of CIDR strings",
+    "files": lambda v: None
+    if isinstance(v, list) and all(isinstance(x, str) for x in v)
+    else "must be a list of file paths",
+}
+_TOP_KEYS = {"state_dir", "runtime_dir", "tproxy", "bypass", "links", *RESERVED_SECTIONS}
+
+
+def _table(src: _Source, data: dict[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise src.error("", name, "must be a table ([" + name + "])")
+    return value
+
+
+def _check_keys(src: _Source, section: str, table: dict[str, Any], checks: dict[str, Any]) -> None:
+    for key, value in table.items():
+        if key not in checks:
+            raise src.error(section, key, f"unknown key (known: {', '.join(sorted(checks))})")
+        problem = checks[key](value)
+        if problem:
+            raise src.error(section, key, problem)
+
+
+def _path(base: Path, value: Any, src: _Source, key: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise src.error("", key, f"must be a non-empty path string, got {_show(value)}")
+    path = Path(value)
+    return path if path.is_absolute() else base / path
+
+
+def parse_config(text: str, name: str = "<config>", base: Path | None = None) -> Config:
+    """Parse and validate config text. CIDR list files named in it are read too."""
+    src = _Source(name, text)
+    base = base or Path.cwd()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{name}: invalid TOML: {e}") from None
+
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise src.error("", key, f"unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
+    tproxy_t = _table(src, data, "tproxy")
+    bypass_t = _table(src, data, "bypass")
+    links_t = _table(src, data, "links")
+    for section in RESERVED_SECTIONS:
+        _table(src, data, section)
+    _check_keys(src, "tproxy", tproxy_t, _TPROXY_KEYS)
+    _check_keys(src, "bypass", bypass_t, _BYPASS_KEYS)
+
+    tproxy = TproxySettings(
+        **{k: v for k, v in tproxy_t.items() if k != "failure_policy"},
+        failure_policy=FailurePolicy(tproxy_t.get("failure_policy", "open")),
+    )
+    if tproxy.mark == tproxy.core_mark:
+        raise src.error("tproxy", "core_mark", "must differ from tproxy.mark, or the core's traffic loops")
+    if tproxy.route_table in _RESERVED_ROUTE_TABLES:
+        raise src.error("tproxy", "route_table", f"{tproxy.route_table} is a kernel-reserved routing table")
+
+    links: dict[str, LinkMode] = {}
+    for ifname, mode in links_t.items():
+        try:
+            validate_ifname(ifname)
+            if not isinstance(mode, str):
+                raise InvalidArgument(f"mode must be a string, got {_show(mode)}")
+            links[ifname] = parse_mode(mode)
+        except InvalidArgument as e:
+            raise src.error("links", ifname, str(e)) from None
+
+    files = tuple(_path(base, f, src, "bypass.files") for f in bypass_t.get("files", []))
+    cidrs = tuple(bypass_t.get("cidrs", []))
+    try:
+        user_cidrs = parse_cidrs(cidrs, "bypass.cidrs")
+    except ConfigError as e:
+        line = src.line_of("bypass", "cidrs")
+        raise ConfigError(f"{name}:{line}: {e}" if line else f"{name}: {e}") from None
+    user_bypass: AddressSet = union(user_cidrs, *(load_cidr_file(f) for f in files))
+
+    return Config(
+        path=None,
+        state_dir=_path(base, data.get("state_dir", "/var/lib/tproxyd"), src, "state_dir"),
+        runtime_dir=_path(base, data.get("runtime_dir", "/run/tproxyd"), src, "runtime_dir"),
+        tproxy=tproxy,
+        bypass=BypassSettings(
+            reserved=bypass_t.get("reserved", True),
+            local_subnets=bypass_t.get("local_subnets", True),
+            cidrs=cidrs,
+            files=files,
+        ),
+        links=links,
+        user_bypass=user_bypass,
+    )
+
+
+def load_config(path: Path) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    config = parse_config(text, str(path), path.parent)
+    return Config(**{**config.__dict__, "path": path})

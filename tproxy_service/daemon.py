@@ -1,0 +1,128 @@
+"""tproxyd: the composition root. Wires config, kernel adapters, monitors and the engine;
+handles signals: SIGTERM/SIGINT remove everything of ours and exit 0, SIGHUP re-reads the
+config (a bad one is refused and the running state kept)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import DEFAULT_PATH, load_config
+from .engine import Engine
+from .errors import ConfigError
+from .kernel.facts import FactsReader
+from .kernel.nft import NftablesAdapter
+from .kernel.routing import RoutingAdapter
+from .logsetup import sd_notify, setup_logging
+from .model import Config
+from .monitors.netlink import NetlinkMonitor
+from .monitors.nft_events import NftDriftWatch
+from .rules.nft import TABLE
+
+log = logging.getLogger("tproxyd")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="tproxyd",
+        description=(
+            "Transparent-proxy service: diverts the traffic of the links named in the config "
+            "(nftables TPROXY + policy routing, IPv4/IPv6, TCP/UDP) to the proxy core's port, "
+            "follows links and addresses as they change, and heals its table, rules and routes if "
+            "someone deletes them. Runs in the foreground; SIGTERM removes everything it added, "
+            "SIGHUP re-reads the config."
+        ),
+    )
+    parser.add_argument(
+        "--config", type=Path, default=DEFAULT_PATH, help=f"config file (TOML; default {DEFAULT_PATH})"
+    )
+    parser.add_argument("--check", action="store_true", help="validate the config (and CIDR files), then exit")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info"
+    )
+    parser.add_argument("--version", action="version", version=f"tproxyd {__version__}")
+    return parser.parse_args(argv)
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.nft = NftablesAdapter()
+        self.routing = RoutingAdapter()
+        self.facts = FactsReader()
+        self.engine = Engine(config, self.nft, self.routing, self.facts)
+        self.nft_watch = NftDriftWatch(TABLE, self._nft_drift)
+        self.nft.watch = self.nft_watch
+        self.nft.on_missing = self._nft_drift
+        self.monitor = NetlinkMonitor(
+            mark=lambda: self.engine.config.tproxy.mark,
+            table=lambda: self.engine.config.tproxy.route_table,
+            on_change=self.engine.request,
+            on_routing_drift=lambda reason: self.engine.request(reason, routing_drift=True),
+        )
+        self._stop = asyncio.Event()
+
+    def _nft_drift(self, reason: str) -> None:
+        log.warning("our nftables table was changed from outside (%s); restoring it", reason)
+        self.engine.request(reason, nft_drift=True)
+
+    async def reload(self) -> None:
+        path = self.engine.config.path
+        assert path is not None
+        try:
+            config = await asyncio.to_thread(load_config, path)
+        except ConfigError as e:
+            log.error("config error, keeping the running configuration: %s", e)
+            return
+        log.info("config reloaded from %s", path)
+        self.engine.set_config(config)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        # Subscribe before the first read so no change between the two is missed.
+        await self.monitor.start()
+        self.nft_watch.start()
+        self.engine.start()
+        status = await self.engine.reconcile("startup")
+        links = ", ".join(status.active_links) or "none"
+        log.info("tproxyd ready: state=%s active=%s", status.state, links)
+        sd_notify(f"READY=1\nSTATUS=state {status.state}, active on {links}")
+        await self._stop.wait()
+        log.info("stopping: removing table inet %s, policy rules and routes", TABLE)
+        sd_notify("STOPPING=1")
+        await self.monitor.stop()
+        self.nft_watch.pause()
+        await self.engine.stop(remove=True)
+        self.nft.close()
+        self.routing.close()
+        self.facts.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"tproxyd: config error: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{args.config}: OK ({len(config.links)} links configured)")
+        return 0
+    try:
+        asyncio.run(Daemon(config).run())
+    except PermissionError as e:
+        print(f"tproxyd: permission denied ({e}); run as root or with CAP_NET_ADMIN", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

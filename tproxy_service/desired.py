@@ -1,0 +1,64 @@
+"""PURE: config + choices + kernel facts -> the desired state of the kernel."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+
+from .cidrs import BITS, address_set, parse_cidrs, union
+from .model import AddressSet, Config, DesiredState, Facts, Interval, LinkMode, NftState, RoutingState
+from .rules.reserved import RESERVED_V4, RESERVED_V6
+from .rules.routing import build_routing
+
+RESERVED: AddressSet = union(
+    parse_cidrs(RESERVED_V4, "reserved IPv4"),
+    parse_cidrs(RESERVED_V6, "reserved IPv6"),
+)
+
+
+def bypass_set(config: Config) -> AddressSet:
+    """Static destinations never proxied: reserved ranges (optional) + the user's CIDRs and files."""
+    return union(RESERVED, config.user_bypass) if config.bypass.reserved else config.user_bypass
+
+
+def local_subnets(facts: Facts) -> AddressSet:
+    """Directly connected subnets: the prefix of every address on every link but loopback."""
+    loopback = {link.index for link in facts.links if link.name == "lo"}
+    v4: list[Interval] = []
+    v6: list[Interval] = []
+    for addr in facts.addresses:
+        if addr.link_index in loopback:
+            continue
+        bits = BITS[addr.family]
+        host_bits = bits - addr.prefixlen
+        value = int.from_bytes(_packed(addr.family, addr.address), "big")
+        first = (value >> host_bits) << host_bits
+        (v4 if addr.family == 4 else v6).append(Interval(first, first + (1 << host_bits) - 1))
+    return address_set(v4, v6)
+
+
+def _packed(family: int, address: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET if family == 4 else socket.AF_INET6, address)
+
+
+def compute_desired(
+    config: Config,
+    links: Mapping[str, LinkMode],
+    enabled: bool,
+    facts: Facts,
+    bypass: AddressSet,
+) -> DesiredState:
+    """Links are put in the sets whether or not they exist yet: the sets match by name, so a
+    link that appears later is proxied from its first packet, with no race."""
+    present = facts.link_names
+    active = tuple(sorted(name for name in links if name in present))
+    if not enabled or not links:
+        return DesiredState(nft=None, routing=RoutingState(), active_links=())
+    nft = NftState(
+        settings=config.tproxy,
+        bypass=bypass,
+        lan_links=frozenset(n for n, m in links.items() if m.diverts_lan),
+        host_links=frozenset(n for n, m in links.items() if m.diverts_host),
+        local=local_subnets(facts) if config.bypass.local_subnets else AddressSet(),
+    )
+    return DesiredState(nft=nft, routing=build_routing(config.tproxy), active_links=active)

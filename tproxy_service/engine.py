@@ -1,0 +1,248 @@
+"""The reconcile loop (DESIGN.md section 5).
+
+Every trigger calls `request(reason)`. Requests coalesce: however many arrive while a pass
+runs, one more pass follows. A pass reads the kernel facts, computes the desired state with
+pure functions, and applies only the difference: set elements when only links or local subnets
+changed (O(change)), one atomic table replace when the skeleton changed or drift was seen.
+A failed apply rolls back to the last applied state and is reported in the status."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .desired import bypass_set, compute_desired
+from .errors import KernelError
+from .model import Config, DesiredState, Facts, LinkMode, NftState, RoutingState, ServiceState
+from .rules.nft import SetChange, element_changes
+from .rules.routing import build_routing
+
+log = logging.getLogger(__name__)
+
+
+class NftPort(Protocol):
+    async def replace(self, state: NftState) -> None: ...
+    async def update_elements(self, changes: list[SetChange]) -> None: ...
+    async def delete(self) -> None: ...
+
+
+class RoutingPort(Protocol):
+    async def ensure(self, state: RoutingState) -> None: ...
+    async def remove(self, state: RoutingState) -> None: ...
+
+
+class FactsPort(Protocol):
+    async def read(self) -> Facts: ...
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    state: ServiceState = ServiceState.OFF
+    active_links: tuple[str, ...] = ()
+    last_error: str = ""
+
+
+@dataclass
+class _Applied:
+    """What we last put in the kernel; `known=False` until the first pass (a crashed run may
+    have left anything behind, so the first pass replaces or removes unconditionally)."""
+
+    nft: NftState | None = None
+    routing: RoutingState = field(default_factory=RoutingState)
+    known: bool = False
+
+
+def _minus(a: RoutingState, b: RoutingState) -> RoutingState:
+    return RoutingState(
+        rules=tuple(r for r in a.rules if r not in b.rules),
+        routes=tuple(r for r in a.routes if r not in b.routes),
+    )
+
+
+class Engine:
+    def __init__(
+        self,
+        config: Config,
+        nft: NftPort,
+        routing: RoutingPort,
+        facts: FactsPort,
+        on_status: Callable[[EngineStatus], None] | None = None,
+    ) -> None:
+        self._nft = nft
+        self._routing = routing
+        self._facts = facts
+        self._on_status = on_status
+        self._config = config
+        self._bypass = bypass_set(config)
+        self._links: dict[str, LinkMode] = dict(config.links)
+        self._enabled = True
+        self._applied = _Applied()
+        self._nft_drift = False
+        self._routing_drift = False
+        self._reasons: list[str] = []
+        self._requested = 0
+        self._completed = 0
+        self._wake = asyncio.Event()
+        self._done = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self.status = EngineStatus()
+        self.passes = 0  # reconcile passes run (for tests of coalescing)
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @property
+    def links(self) -> Mapping[str, LinkMode]:
+        return dict(self._links)
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    def set_config(self, config: Config) -> None:
+        self._config = config
+        self._bypass = bypass_set(config)
+        self.request("config changed")
+
+    def set_links(self, links: Mapping[str, LinkMode]) -> None:
+        self._links = dict(links)
+        self.request("links changed")
+
+    def set_enabled(self, enabled: bool) -> None:
+        self._enabled = enabled
+        self.request("enabled" if enabled else "disabled")
+
+    def request(self, reason: str, *, nft_drift: bool = False, routing_drift: bool = False) -> int:
+        """Ask for a reconcile pass; returns a ticket for `wait_for`."""
+        self._nft_drift |= nft_drift
+        self._routing_drift |= routing_drift
+        self._reasons.append(reason)
+        self._requested += 1
+        self._wake.set()
+        return self._requested
+
+    async def wait_for(self, ticket: int) -> EngineStatus:
+        """Wait until a pass that started after `ticket` was requested has finished."""
+        async with self._done:
+            await self._done.wait_for(lambda: self._completed >= ticket)
+        return self.status
+
+    async def reconcile(self, reason: str) -> EngineStatus:
+        return await self.wait_for(self.request(reason))
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="reconcile")
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            ticket = self._requested
+            reasons, self._reasons = self._reasons, []
+            try:
+                await self._pass(reasons)
+            except Exception as e:  # a bug must not kill the loop: report and keep serving
+                log.exception("reconcile pass crashed")
+                self._publish(EngineStatus(ServiceState.FAILED, (), f"internal error: {e}"))
+            async with self._done:
+                self._completed = ticket
+                self._done.notify_all()
+
+    async def _pass(self, reasons: list[str]) -> None:
+        self.passes += 1
+        log.debug("reconcile: %s", ", ".join(dict.fromkeys(reasons)))
+        nft_drift, routing_drift = self._nft_drift, self._routing_drift
+        self._nft_drift = self._routing_drift = False
+        try:
+            facts = await self._facts.read()
+        except Exception as e:
+            self._publish(EngineStatus(ServiceState.FAILED, (), f"reading network state failed: {e}"))
+            return
+        desired = compute_desired(self._config, self._links, self._enabled, facts, self._bypass)
+        previous = self._applied
+        try:
+            await self._apply(previous, desired, nft_drift, routing_drift)
+        except KernelError as e:
+            log.error("apply failed, rolling back: %s", e)
+            await self._rollback(previous, desired)
+            self._publish(EngineStatus(ServiceState.FAILED, self.status.active_links, str(e)))
+            return
+        self._applied = _Applied(desired.nft, desired.routing, known=True)
+        state = ServiceState.ACTIVE if desired.nft is not None else ServiceState.OFF
+        self._publish(EngineStatus(state, desired.active_links, ""))
+
+    async def _apply(self, prev: _Applied, desired: DesiredState, nft_drift: bool, routing_drift: bool) -> None:
+        if desired.nft is None:
+            if prev.nft is not None or not prev.known or nft_drift:
+                await self._nft.delete()
+            stale = prev.routing if prev.known else build_routing(self._config.tproxy)
+            if stale.rules or stale.routes:
+                await self._routing.remove(stale)
+            return
+        if prev.routing != desired.routing or not prev.known or routing_drift:
+            await self._routing.ensure(desired.routing)
+            await self._routing.remove(_minus(prev.routing, desired.routing))
+        changes = None if prev.nft is None or nft_drift else element_changes(prev.nft, desired.nft)
+        if changes is None:
+            await self._nft.replace(desired.nft)
+        elif changes:
+            try:
+                await self._nft.update_elements(changes)
+            except KernelError as e:  # the kernel disagrees with what we think we applied: rebuild
+                log.warning("element update failed (%s); replacing the table", e)
+                await self._nft.replace(desired.nft)
+
+    async def _rollback(self, prev: _Applied, desired: DesiredState) -> None:
+        try:
+            if prev.nft is not None:
+                await self._nft.replace(prev.nft)
+            else:
+                await self._nft.delete()
+            await self._routing.remove(_minus(desired.routing, prev.routing))
+            if prev.routing.rules or prev.routing.routes:
+                await self._routing.ensure(prev.routing)
+        except KernelError as e:
+            log.error("rollback failed too: %s; the next pass rebuilds everything", e)
+            self._applied = _Applied()
+            self._nft_drift = self._routing_drift = True
+
+    def _publish(self, status: EngineStatus) -> None:
+        changed = status != self.status
+        self.status = status
+        if changed:
+            log.info(
+                "state %s%s%s",
+                status.state,
+                f", active on {', '.join(status.active_links)}" if status.active_links else "",
+                f": {status.last_error}" if status.last_error else "",
+            )
+            if self._on_status:
+                self._on_status(status)
+
+    # --- shutdown -------------------------------------------------------------------------------
+
+    async def stop(self, remove: bool = True) -> None:
+        """Stop the loop; with `remove`, take our table, rules and routes out of the kernel."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if remove:
+            await self._nft.delete()
+            routing = self._applied.routing if self._applied.known else build_routing(self._config.tproxy)
+            await self._routing.remove(RoutingState(
+                rules=tuple(dict.fromkeys(routing.rules + build_routing(self._config.tproxy).rules)),
+                routes=tuple(dict.fromkeys(routing.routes + build_routing(self._config.tproxy).routes)),
+            ))
+            self._applied = _Applied(known=True)

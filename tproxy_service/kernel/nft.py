@@ -1,0 +1,78 @@
+"""nftables adapter: full atomic replaces through libnftables JSON, element updates through
+netlink. libnftables is a blocking ctypes library, so every call runs on one dedicated worker
+thread (never on the event loop; one thread also serializes our nf_tables transactions)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..errors import KernelError
+from ..model import NftState
+from ..rules import nft as rules
+from .nft_netlink import SetElementWriter, table_exists
+
+log = logging.getLogger(__name__)
+
+
+class EventWatch(Protocol):
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+
+
+class NftablesAdapter:
+    def __init__(self) -> None:
+        # Set by the daemon: paused around full replaces (see monitors/nft_events.py), and told
+        # when the table vanished in that window.
+        self.watch: EventWatch | None = None
+        self.on_missing: Callable[[str], None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nft")
+        self._local = threading.local()
+        self._elements = SetElementWriter(rules.TABLE)
+
+    def _ctx(self) -> Any:
+        ctx = getattr(self._local, "ctx", None)
+        if ctx is None:
+            import nftables  # Debian's python3-nftables; imported lazily so unit tests need no libnftables
+
+            ctx = nftables.Nftables()
+            ctx.set_json_output(True)
+            ctx.set_handle_output(False)
+            self._local.ctx = ctx
+        return ctx
+
+    def _run_json(self, payload: dict[str, Any], what: str) -> str:
+        rc, output, error = self._ctx().json_cmd(payload)
+        if rc != 0:
+            lines = [line for line in (error or "").splitlines() if "Error:" in line]
+            detail = lines[0].split("Error:", 1)[1].strip() if lines else f"libnftables returned {rc}"
+            raise KernelError(f"{what} failed: {detail}")
+        return str(output)
+
+    async def _call(self, func: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
+
+    async def replace(self, state: NftState) -> None:
+        """Atomically replace table inet tproxyd with `state` (nothing else is touched)."""
+        if self.watch:
+            self.watch.pause()
+        try:
+            await self._call(self._run_json, rules.build_replace(state), "replacing table inet tproxyd")
+        finally:
+            if self.watch:
+                self.watch.resume()
+        if self.on_missing and not await self._call(table_exists, rules.TABLE):
+            self.on_missing("table deleted right after it was replaced")
+
+    async def update_elements(self, changes: list[rules.SetChange]) -> None:
+        await self._call(self._elements.apply, changes)
+
+    async def delete(self) -> None:
+        await self._call(self._run_json, rules.build_delete(), "deleting table inet tproxyd")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)

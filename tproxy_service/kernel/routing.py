@@ -1,0 +1,121 @@
+"""Policy-routing adapter (pyroute2 AsyncIPRoute): our fwmark rules and `local default dev lo`
+routes, each exactly once. `ip rule add` happily creates duplicates, so `ensure` reads what is
+there first and removes extra copies (e.g. left by a crashed run)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import logging
+import socket
+from collections import Counter
+from typing import Any
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ..errors import KernelError
+from ..model import RouteSpec, RoutingState, RuleSpec
+
+log = logging.getLogger(__name__)
+_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+_DEFAULT_DST = {4: "0.0.0.0/0", 6: "::/0"}
+RTN_LOCAL = 2
+LOOPBACK_INDEX = 1
+
+
+class RoutingAdapter:
+    def __init__(self) -> None:
+        self._ipr: Any = None
+
+    async def _sock(self) -> Any:
+        if self._ipr is None:
+            self._ipr = AsyncIPRoute()
+        return self._ipr
+
+    async def _our_rules(self, spec: RuleSpec) -> int:
+        """How many copies of this exact rule exist."""
+        ipr = await self._sock()
+        count = 0
+        async for msg in await ipr.rule("dump", family=_AF[spec.family]):
+            if (
+                msg.get("fwmark") == spec.fwmark
+                and msg.get("table") == spec.table
+                and msg.get("priority") == spec.priority
+            ):
+                count += 1
+        return count
+
+    async def _route_count(self, spec: RouteSpec) -> int:
+        ipr = await self._sock()
+        count = 0
+        async for msg in await ipr.route("dump", family=_AF[spec.family], table=spec.table):
+            if msg["dst_len"] == 0 and msg["type"] == RTN_LOCAL and msg.get("table") == spec.table:
+                count += 1
+        return count
+
+    def _rule_args(self, spec: RuleSpec) -> dict[str, Any]:
+        return {"family": _AF[spec.family], "fwmark": spec.fwmark, "table": spec.table, "priority": spec.priority}
+
+    def _route_args(self, spec: RouteSpec) -> dict[str, Any]:
+        return {
+            "family": _AF[spec.family],
+            "dst": _DEFAULT_DST[spec.family],
+            "type": "local",
+            "scope": "host",  # a local route needs host scope (EINVAL otherwise)
+            "oif": LOOPBACK_INDEX,
+            "table": spec.table,
+        }
+
+    async def ensure(self, state: RoutingState) -> None:
+        """Make every rule and route of `state` present exactly once."""
+        ipr = await self._sock()
+        try:
+            for rule in state.rules:
+                count = await self._our_rules(rule)
+                for _ in range(count - 1):
+                    log.info("removing a duplicate policy rule: %s", rule)
+                    await ipr.rule("del", **self._rule_args(rule))
+                if count == 0:
+                    await _tolerate(ipr.rule("add", **self._rule_args(rule)), errno.EEXIST)
+            for route in state.routes:
+                count = await self._route_count(route)
+                if count == 0:
+                    await _tolerate(ipr.route("add", **self._route_args(route)), errno.EEXIST)
+        except NetlinkError as e:
+            raise KernelError(f"setting up policy routing failed: {os.strerror(e.code)}") from None
+
+    async def remove(self, state: RoutingState) -> None:
+        """Remove every copy of our rules and routes; missing ones are fine."""
+        ipr = await self._sock()
+        try:
+            for rule in state.rules:
+                for _ in range(await self._our_rules(rule)):
+                    await _tolerate(ipr.rule("del", **self._rule_args(rule)), errno.ENOENT)
+            for route in state.routes:
+                for _ in range(await self._route_count(route)):
+                    await _tolerate(ipr.route("del", **self._route_args(route)), errno.ESRCH, errno.ENOENT)
+        except NetlinkError as e:
+            raise KernelError(f"removing policy routing failed: {os.strerror(e.code)}") from None
+
+    async def count(self, state: RoutingState) -> Counter[RuleSpec | RouteSpec]:
+        """For checks: how many copies of each of our rules and routes exist."""
+        found: Counter[RuleSpec | RouteSpec] = Counter()
+        for rule in state.rules:
+            found[rule] = await self._our_rules(rule)
+        for route in state.routes:
+            found[route] = await self._route_count(route)
+        return found
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+
+async def _tolerate(awaitable: Any, *codes: int) -> None:
+    try:
+        await awaitable
+    except NetlinkError as e:
+        if e.code not in codes:
+            raise

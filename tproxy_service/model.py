@@ -1,0 +1,162 @@
+"""Domain types shared by the pure builders, the engine and the adapters."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class LinkMode(enum.StrEnum):
+    HOST = "host"  # this machine's own traffic leaving via the link
+    LAN = "lan"  # traffic arriving on the link from other hosts (gateway/hotspot)
+    BOTH = "both"
+
+    @property
+    def diverts_lan(self) -> bool:
+        return self in (LinkMode.LAN, LinkMode.BOTH)
+
+    @property
+    def diverts_host(self) -> bool:
+        return self in (LinkMode.HOST, LinkMode.BOTH)
+
+
+class FailurePolicy(enum.StrEnum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class ServiceState(enum.StrEnum):
+    OFF = "off"
+    STARTING = "starting"
+    ACTIVE = "active"
+    DEGRADED = "degraded"
+    BLOCKED = "blocked"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, order=True)
+class Interval:
+    """An inclusive range of addresses of one family, as integers (first <= last)."""
+
+    first: int
+    last: int
+
+
+@dataclass(frozen=True)
+class AddressSet:
+    """Disjoint, non-adjacent, sorted intervals per family (see cidrs.merge)."""
+
+    v4: tuple[Interval, ...] = ()
+    v6: tuple[Interval, ...] = ()
+
+
+@dataclass(frozen=True)
+class TproxySettings:
+    port: int = 12345
+    mark: int = 1
+    core_mark: int = 255
+    route_table: int = 100
+    # Above Tailscale's 52xx rules, below wg-quick's 32764/32765 and main's 32766.
+    rule_priority: int = 10100
+    ipv6: bool = True
+    udp: bool = True
+    dns_hijack: bool = True
+    failure_policy: FailurePolicy = FailurePolicy.OPEN
+
+
+@dataclass(frozen=True)
+class BypassSettings:
+    reserved: bool = True
+    local_subnets: bool = True
+    cidrs: tuple[str, ...] = ()
+    files: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None = None
+    state_dir: Path = Path("/var/lib/tproxyd")
+    runtime_dir: Path = Path("/run/tproxyd")
+    tproxy: TproxySettings = field(default_factory=TproxySettings)
+    bypass: BypassSettings = field(default_factory=BypassSettings)
+    links: dict[str, LinkMode] = field(default_factory=dict)
+    # The user's bypass CIDRs and files, parsed and merged once at load time.
+    user_bypass: AddressSet = field(default_factory=AddressSet)
+
+
+@dataclass(frozen=True)
+class LinkFact:
+    name: str
+    index: int
+    up: bool
+
+
+@dataclass(frozen=True)
+class AddressFact:
+    link_index: int
+    family: int  # 4 or 6
+    address: str
+    prefixlen: int
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the kernel says right now (read by the facts adapter at every reconcile)."""
+
+    links: tuple[LinkFact, ...] = ()
+    addresses: tuple[AddressFact, ...] = ()
+
+    @property
+    def link_names(self) -> frozenset[str]:
+        return frozenset(link.name for link in self.links)
+
+
+@dataclass(frozen=True)
+class NftState:
+    """Everything that goes into table `inet tproxyd`.
+
+    `settings` and the bypass sets change only with the config (a full, atomic replace);
+    the link and local-subnet sets change with the network (element updates only)."""
+
+    settings: TproxySettings
+    bypass: AddressSet
+    lan_links: frozenset[str]
+    host_links: frozenset[str]
+    local: AddressSet
+
+    def same_skeleton(self, other: NftState) -> bool:
+        return self.settings == other.settings and self.bypass == other.bypass
+
+
+@dataclass(frozen=True, order=True)
+class RuleSpec:
+    """`ip [-6] rule add fwmark MARK lookup TABLE priority PRIORITY`."""
+
+    family: int  # 4 or 6
+    fwmark: int
+    table: int
+    priority: int
+
+
+@dataclass(frozen=True, order=True)
+class RouteSpec:
+    """`ip [-6] route add local default dev lo table TABLE`."""
+
+    family: int
+    table: int
+
+
+@dataclass(frozen=True)
+class RoutingState:
+    rules: tuple[RuleSpec, ...] = ()
+    routes: tuple[RouteSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """None for nft means: no table at all (and then no routing either)."""
+
+    nft: NftState | None
+    routing: RoutingState
+    active_links: tuple[str, ...] = ()

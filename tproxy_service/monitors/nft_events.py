@@ -1,0 +1,108 @@
+"""Notices when someone else changes table inet tproxyd (`nft delete table`, `nft flush
+ruleset`, a deleted rule or element) and reports it as drift.
+
+Every nf_tables transaction ends with a NEWGEN event carrying the committing process's PID;
+changes made by our own threads are ignored. Listening makes the kernel emit one event per set
+element, which would make our own 100k-entry replaces ~50% slower and flood this socket, so the
+nft adapter pauses the watch around full replaces and checks the table right after."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+
+from ..kernel.nft_netlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET
+
+log = logging.getLogger(__name__)
+NFNLGRP_NFTABLES = 7
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NFT_MSG_NEWGEN = 15
+NFTA_GEN_PROC_PID = 2
+NFTA_TABLE_NAME_ATTR = 1  # the table name is attribute 1 in table/chain/rule/set/element messages
+_HDR = struct.Struct("=IHHII")
+_ATTR = struct.Struct("=HH")
+RCVBUF = 8 << 20
+
+
+def _attrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    while start + 4 <= end:
+        length, attr_type = _ATTR.unpack_from(buf, start)
+        if length < 4:
+            break
+        out.setdefault(attr_type & 0x3FFF, buf[start + 4 : start + length])
+        start += (length + 3) & ~3
+    return out
+
+
+def _ours(pid: int) -> bool:
+    """True when `pid` (a thread id: the kernel reports the committing task) is one of ours."""
+    return pid == os.getpid() or os.path.exists(f"/proc/self/task/{pid}")
+
+
+class NftDriftWatch:
+    def __init__(self, table: str, on_drift: Callable[[str], None]) -> None:
+        self._table = table.encode() + b"\0"
+        self._on_drift = on_drift
+        self._sock: socket.socket | None = None
+        self._touched = False
+
+    def start(self) -> None:
+        if self._sock is not None:
+            return
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, NETLINK_NETFILTER)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, 33, RCVBUF)  # SO_RCVBUFFORCE (root)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        sock.bind((0, 0))
+        sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+        self._sock = sock
+        self._touched = False
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+
+    def pause(self) -> None:
+        if self._sock is None:
+            return
+        asyncio.get_running_loop().remove_reader(self._sock.fileno())
+        self._sock.close()
+        self._sock = None
+
+    resume = start
+
+    def _readable(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                buf = self._sock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError as e:  # ENOBUFS: events were lost, assume the worst
+                log.warning("nftables event overflow (%s); re-checking our table", e)
+                self._on_drift("nftables events lost")
+                continue
+            self._parse(buf)
+
+    def _parse(self, buf: bytes) -> None:
+        offset = 0
+        while offset + _HDR.size + 4 <= len(buf):
+            length, msg_type, _flags, _seq, _pid = _HDR.unpack_from(buf, offset)
+            if length < _HDR.size:
+                return
+            if msg_type >> 8 == NFNL_SUBSYS_NFTABLES:
+                family = buf[offset + _HDR.size]
+                attrs = _attrs(buf, offset + _HDR.size + 4, offset + length)
+                if msg_type & 0xFF == NFT_MSG_NEWGEN:
+                    pid_raw = attrs.get(NFTA_GEN_PROC_PID)
+                    pid = struct.unpack("!I", pid_raw)[0] if pid_raw and len(pid_raw) == 4 else 0
+                    if self._touched and not _ours(pid):
+                        self._on_drift(f"table changed by pid {pid}")
+                    self._touched = False
+                elif family == NFPROTO_INET and attrs.get(NFTA_TABLE_NAME_ATTR) == self._table:
+                    self._touched = True
+            offset += (length + 3) & ~3

@@ -1,0 +1,274 @@
+"""PURE: desired nftables state -> libnftables JSON, and element-level diffs.
+
+Everything lives in one table, `inet tproxyd`. Chains (all at mangle priority):
+
+  prerouting (filter hook): packets of established transparent sockets are diverted
+      (mark + accept); traffic arriving on a lan link, and the host's own marked traffic
+      re-entering via lo, jumps to `proxy`.
+  proxy: `jump bypass`, then tproxy to the core (IPv4 on 127.0.0.1, IPv6 on [::1]) with the mark.
+  output (route hook): the host's own traffic leaving via a host link: `jump bypass`, then the
+      mark, which makes the kernel re-route it via `local default dev lo` back into prerouting.
+  bypass: `accept` = never proxied (core's own mark, replies, local/broadcast/multicast
+      destinations, DNS exception, bypass sets, directly connected subnets); `return` = proxy it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..cidrs import BITS, prefix_len, to_address
+from ..model import Interval, NftState, TproxySettings
+
+FAMILY = "inet"
+TABLE = "tproxyd"
+SET_LAN_LINKS = "lan_links"
+SET_HOST_LINKS = "host_links"
+SET_BYPASS4 = "bypass4"
+SET_BYPASS6 = "bypass6"
+SET_LOCAL4 = "local4"
+SET_LOCAL6 = "local6"
+CHAIN_PREROUTING = "prerouting"
+CHAIN_PROXY = "proxy"
+CHAIN_OUTPUT = "output"
+CHAIN_BYPASS = "bypass"
+MANGLE_PRIORITY = -150
+DNS_PORT = 53
+
+Json = dict[str, Any]
+
+
+# --- expression helpers (libnftables JSON schema, version 1) -------------------------------------
+
+
+def _match(left: Json, right: Any, op: str = "==") -> Json:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _meta(key: str) -> Json:
+    return {"meta": {"key": key}}
+
+
+def _payload(protocol: str, field: str) -> Json:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _set_ref(name: str) -> str:
+    return "@" + name
+
+
+def _mark_set(mark: int) -> Json:
+    return {"mangle": {"key": _meta("mark"), "value": mark}}
+
+
+_ACCEPT: Json = {"accept": None}
+_RETURN: Json = {"return": None}
+
+
+def _jump(chain: str) -> Json:
+    return {"jump": {"target": chain}}
+
+
+def _l4protos(settings: TproxySettings) -> list[Json]:
+    """Only TCP (and UDP when enabled) is ever diverted; IPv6 only when enabled."""
+    protos: Any = {"set": ["tcp", "udp"]} if settings.udp else "tcp"
+    exprs = [_match(_meta("l4proto"), protos)]
+    if not settings.ipv6:
+        exprs.insert(0, _match(_meta("nfproto"), "ipv4"))
+    return exprs
+
+
+# --- element encoding ---------------------------------------------------------------------------
+
+
+def interval_element(family: int, iv: Interval) -> Any:
+    plen = prefix_len(family, iv)
+    if plen == BITS[family]:
+        return to_address(family, iv.first)
+    if plen is not None:
+        return {"prefix": {"addr": to_address(family, iv.first), "len": plen}}
+    return {"range": [to_address(family, iv.first), to_address(family, iv.last)]}
+
+
+def _set(name: str, key_type: str, elements: list[Any], interval: bool) -> Json:
+    body: Json = {"family": FAMILY, "table": TABLE, "name": name, "type": key_type}
+    if interval:
+        body["flags"] = ["interval"]
+    if elements:
+        body["elem"] = elements
+    return {"add": {"set": body}}
+
+
+def _chain(name: str, hook: str | None = None, chain_type: str = "filter") -> Json:
+    body: Json = {"family": FAMILY, "table": TABLE, "name": name}
+    if hook:
+        body.update({"type": chain_type, "hook": hook, "prio": MANGLE_PRIORITY, "policy": "accept"})
+    return {"add": {"chain": body}}
+
+
+def _rule(chain: str, *exprs: Json) -> Json:
+    return {"add": {"rule": {"family": FAMILY, "table": TABLE, "chain": chain, "expr": list(exprs)}}}
+
+
+# --- chains -------------------------------------------------------------------------------------
+
+
+def _bypass_rules(s: TproxySettings) -> list[Json]:
+    rules = [
+        _rule(CHAIN_BYPASS, _match(_meta("mark"), s.core_mark), _ACCEPT),
+        _rule(CHAIN_BYPASS, _match({"ct": {"key": "direction"}}, "reply"), _ACCEPT),
+        _rule(
+            CHAIN_BYPASS,
+            _match(
+                {"fib": {"result": "type", "flags": ["daddr"]}},
+                {"set": ["local", "broadcast", "multicast"]},
+            ),
+            _ACCEPT,
+        ),
+    ]
+    if s.dns_hijack:  # DNS to a directly connected resolver is still proxied (no DNS leak)
+        for proto, local_set in (("ip", SET_LOCAL4), ("ip6", SET_LOCAL6)):
+            rules.append(
+                _rule(
+                    CHAIN_BYPASS,
+                    _match(_payload("th", "dport"), DNS_PORT),
+                    _match(_payload(proto, "daddr"), _set_ref(local_set)),
+                    _RETURN,
+                )
+            )
+    for proto, name in (("ip", SET_BYPASS4), ("ip6", SET_BYPASS6), ("ip", SET_LOCAL4), ("ip6", SET_LOCAL6)):
+        rules.append(_rule(CHAIN_BYPASS, _match(_payload(proto, "daddr"), _set_ref(name)), _ACCEPT))
+    return rules
+
+
+def _prerouting_rules(s: TproxySettings) -> list[Json]:
+    return [
+        # Established proxied flows: deliver to the core's transparent socket, no re-lookup.
+        _rule(
+            CHAIN_PREROUTING,
+            *_l4protos(s),
+            _match({"socket": {"key": "transparent"}}, 1),
+            _mark_set(s.mark),
+            _ACCEPT,
+        ),
+        _rule(
+            CHAIN_PREROUTING,
+            _match(_meta("iifname"), _set_ref(SET_LAN_LINKS)),
+            *_l4protos(s),
+            _jump(CHAIN_PROXY),
+        ),
+        # The host's own traffic, marked in `output` and routed to lo by the fwmark rule.
+        _rule(
+            CHAIN_PREROUTING,
+            _match(_meta("iifname"), "lo"),
+            _match(_meta("mark"), s.mark),
+            *_l4protos(s),
+            _jump(CHAIN_PROXY),
+        ),
+    ]
+
+
+def _proxy_rules(s: TproxySettings) -> list[Json]:
+    rules = [_rule(CHAIN_PROXY, _jump(CHAIN_BYPASS))]
+    families = [("ipv4", "ip", "127.0.0.1")] + ([("ipv6", "ip6", "::1")] if s.ipv6 else [])
+    for nfproto, family, addr in families:
+        rules.append(
+            _rule(
+                CHAIN_PROXY,
+                _match(_meta("nfproto"), nfproto),
+                *_l4protos(s)[-1:],  # tproxy needs the transport protocol matched in its rule
+                _mark_set(s.mark),
+                {"tproxy": {"family": family, "addr": addr, "port": s.port}},
+                _ACCEPT,
+            )
+        )
+    return rules
+
+
+def _output_rules(s: TproxySettings) -> list[Json]:
+    # In a base chain `return` means "policy accept": the packet leaves unmarked (direct).
+    protos: Any = {"set": ["tcp", "udp"]} if s.udp else "tcp"
+    rules = [
+        _rule(CHAIN_OUTPUT, _match(_meta("oifname"), _set_ref(SET_HOST_LINKS), "!="), _RETURN),
+        _rule(CHAIN_OUTPUT, _match(_meta("l4proto"), protos, "!="), _RETURN),
+    ]
+    if not s.ipv6:
+        rules.append(_rule(CHAIN_OUTPUT, _match(_meta("nfproto"), "ipv6"), _RETURN))
+    return [*rules, _rule(CHAIN_OUTPUT, _jump(CHAIN_BYPASS)), _rule(CHAIN_OUTPUT, _mark_set(s.mark))]
+
+
+def build_replace(state: NftState) -> Json:
+    """One atomic transaction: create-or-keep, delete, recreate our table with everything in it."""
+    table = {"table": {"family": FAMILY, "name": TABLE}}
+    s = state.settings
+    commands: list[Json] = [
+        {"metainfo": {"json_schema_version": 1}},
+        {"add": table},
+        {"delete": table},
+        {"add": table},
+        _set(SET_LAN_LINKS, "ifname", sorted(state.lan_links), interval=False),
+        _set(SET_HOST_LINKS, "ifname", sorted(state.host_links), interval=False),
+        _set(SET_BYPASS4, "ipv4_addr", [interval_element(4, iv) for iv in state.bypass.v4], True),
+        _set(SET_BYPASS6, "ipv6_addr", [interval_element(6, iv) for iv in state.bypass.v6], True),
+        _set(SET_LOCAL4, "ipv4_addr", [interval_element(4, iv) for iv in state.local.v4], True),
+        _set(SET_LOCAL6, "ipv6_addr", [interval_element(6, iv) for iv in state.local.v6], True),
+        _chain(CHAIN_BYPASS),
+        _chain(CHAIN_PROXY),
+        _chain(CHAIN_PREROUTING, hook="prerouting"),
+        _chain(CHAIN_OUTPUT, hook="output", chain_type="route"),
+    ]
+    commands += _bypass_rules(s) + _proxy_rules(s) + _prerouting_rules(s) + _output_rules(s)
+    return {"nftables": commands}
+
+
+def build_delete() -> Json:
+    """Idempotent removal of our table (add-then-delete never fails on a missing table)."""
+    table = {"table": {"family": FAMILY, "name": TABLE}}
+    return {"nftables": [{"metainfo": {"json_schema_version": 1}}, {"add": table}, {"delete": table}]}
+
+
+# --- element-level diffs ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IfnameChange:
+    set_name: str
+    add: tuple[str, ...]
+    remove: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class IntervalChange:
+    set_name: str
+    family: int
+    add: tuple[Interval, ...]
+    remove: tuple[Interval, ...]
+
+
+SetChange = IfnameChange | IntervalChange
+
+
+def _ifname_change(name: str, old: frozenset[str], new: frozenset[str]) -> list[SetChange]:
+    if old == new:
+        return []
+    return [IfnameChange(name, tuple(sorted(new - old)), tuple(sorted(old - new)))]
+
+
+def _interval_change(name: str, family: int, old: tuple[Interval, ...], new: tuple[Interval, ...]) -> list[SetChange]:
+    old_set, new_set = set(old), set(new)
+    if old_set == new_set:
+        return []
+    return [IntervalChange(name, family, tuple(sorted(new_set - old_set)), tuple(sorted(old_set - new_set)))]
+
+
+def element_changes(old: NftState, new: NftState) -> list[SetChange] | None:
+    """The set-element changes turning `old` into `new`, or None when the table skeleton
+    (settings or bypass sets) differs and a full replace is needed."""
+    if not old.same_skeleton(new):
+        return None
+    return (
+        _ifname_change(SET_LAN_LINKS, old.lan_links, new.lan_links)
+        + _ifname_change(SET_HOST_LINKS, old.host_links, new.host_links)
+        + _interval_change(SET_LOCAL4, 4, old.local.v4, new.local.v4)
+        + _interval_change(SET_LOCAL6, 6, old.local.v6, new.local.v6)
+    )
