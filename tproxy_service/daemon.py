@@ -41,7 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--config", type=Path, default=DEFAULT_PATH, help=f"config file (TOML; default {DEFAULT_PATH})"
     )
-    parser.add_argument("--check", action="store_true", help="validate the config (and CIDR files), then exit")
+    parser.add_argument(
+        "--check", action="store_true", help="validate the config (and CIDR files), then exit"
+    )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info"
     )
@@ -61,31 +63,38 @@ class Daemon:
         self.monitor = NetlinkMonitor(
             mark=lambda: self.engine.config.tproxy.mark,
             table=lambda: self.engine.config.tproxy.route_table,
-            on_change=self.engine.request,
-            on_routing_drift=lambda reason: self.engine.request(reason, routing_drift=True),
+            on_change=lambda reason: self._request(reason),
+            on_routing_drift=lambda reason: self._request(reason, routing_drift=True),
         )
         self._stop = asyncio.Event()
+
+    def _request(self, reason: str, routing_drift: bool = False) -> None:
+        self.engine.request(reason, routing_drift=routing_drift)
 
     def _nft_drift(self, reason: str) -> None:
         log.warning("our nftables table was changed from outside (%s); restoring it", reason)
         self.engine.request(reason, nft_drift=True)
 
-    async def reload(self) -> None:
+    async def reload(self) -> int:
+        """Re-read the config and CIDR files; raises ConfigError (running state kept) when bad.
+        Returns the engine ticket of the pass that applies it."""
         path = self.engine.config.path
         assert path is not None
+        config = await asyncio.to_thread(load_config, path)
+        log.info("config reloaded from %s", path)
+        return self.engine.set_config(config)
+
+    async def _reload_on_sighup(self) -> None:
         try:
-            config = await asyncio.to_thread(load_config, path)
+            await self.reload()
         except ConfigError as e:
             log.error("config error, keeping the running configuration: %s", e)
-            return
-        log.info("config reloaded from %s", path)
-        self.engine.set_config(config)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload_on_sighup()))
         # Subscribe before the first read so no change between the two is missed.
         await self.monitor.start()
         self.nft_watch.start()

@@ -9,6 +9,7 @@ A failed apply rolls back to the last applied state and is reported in the statu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 
 class NftPort(Protocol):
+    async def exists(self) -> bool: ...
     async def replace(self, state: NftState) -> None: ...
     async def update_elements(self, changes: list[SetChange]) -> None: ...
     async def delete(self) -> None: ...
@@ -69,12 +71,11 @@ class Engine:
         nft: NftPort,
         routing: RoutingPort,
         facts: FactsPort,
-        on_status: Callable[[EngineStatus], None] | None = None,
     ) -> None:
         self._nft = nft
         self._routing = routing
         self._facts = facts
-        self._on_status = on_status
+        self._listeners: list[Callable[[EngineStatus], None]] = []
         self._config = config
         self._bypass = bypass_set(config)
         self._links: dict[str, LinkMode] = dict(config.links)
@@ -82,6 +83,7 @@ class Engine:
         self._applied = _Applied()
         self._nft_drift = False
         self._routing_drift = False
+        self._verify = False
         self._reasons: list[str] = []
         self._requested = 0
         self._completed = 0
@@ -105,18 +107,28 @@ class Engine:
     def enabled(self) -> bool:
         return self._enabled
 
-    def set_config(self, config: Config) -> None:
+    def add_listener(self, listener: Callable[[EngineStatus], None]) -> None:
+        """Called with the new status after every pass that changed it."""
+        self._listeners.append(listener)
+
+    def set_config(self, config: Config) -> int:
         self._config = config
         self._bypass = bypass_set(config)
-        self.request("config changed")
+        return self.request("config changed")
 
-    def set_links(self, links: Mapping[str, LinkMode]) -> None:
+    def set_links(self, links: Mapping[str, LinkMode]) -> int:
         self._links = dict(links)
-        self.request("links changed")
+        return self.request("links changed")
 
-    def set_enabled(self, enabled: bool) -> None:
+    def set_enabled(self, enabled: bool) -> int:
         self._enabled = enabled
-        self.request("enabled" if enabled else "disabled")
+        return self.request("enabled" if enabled else "disabled")
+
+    def reapply(self, reason: str = "reapply") -> int:
+        """A pass that also re-checks what others may have removed: policy routing is re-ensured
+        and the table's existence checked (cheap), instead of trusting the applied-state cache."""
+        self._verify = True
+        return self.request(reason, routing_drift=True)
 
     def request(self, reason: str, *, nft_drift: bool = False, routing_drift: bool = False) -> int:
         """Ask for a reconcile pass; returns a ticket for `wait_for`."""
@@ -159,8 +171,8 @@ class Engine:
     async def _pass(self, reasons: list[str]) -> None:
         self.passes += 1
         log.debug("reconcile: %s", ", ".join(dict.fromkeys(reasons)))
-        nft_drift, routing_drift = self._nft_drift, self._routing_drift
-        self._nft_drift = self._routing_drift = False
+        nft_drift, routing_drift, verify = self._nft_drift, self._routing_drift, self._verify
+        self._nft_drift = self._routing_drift = self._verify = False
         try:
             facts = await self._facts.read()
         except Exception as e:
@@ -169,6 +181,8 @@ class Engine:
         desired = compute_desired(self._config, self._links, self._enabled, facts, self._bypass)
         previous = self._applied
         try:
+            if verify and previous.nft is not None and not await self._nft.exists():
+                nft_drift = True
             await self._apply(previous, desired, nft_drift, routing_drift)
         except KernelError as e:
             log.error("apply failed, rolling back: %s", e)
@@ -179,7 +193,9 @@ class Engine:
         state = ServiceState.ACTIVE if desired.nft is not None else ServiceState.OFF
         self._publish(EngineStatus(state, desired.active_links, ""))
 
-    async def _apply(self, prev: _Applied, desired: DesiredState, nft_drift: bool, routing_drift: bool) -> None:
+    async def _apply(
+        self, prev: _Applied, desired: DesiredState, nft_drift: bool, routing_drift: bool
+    ) -> None:
         if desired.nft is None:
             if prev.nft is not None or not prev.known or nft_drift:
                 await self._nft.delete()
@@ -224,8 +240,8 @@ class Engine:
                 f", active on {', '.join(status.active_links)}" if status.active_links else "",
                 f": {status.last_error}" if status.last_error else "",
             )
-            if self._on_status:
-                self._on_status(status)
+            for listener in self._listeners:
+                listener(status)
 
     # --- shutdown -------------------------------------------------------------------------------
 
@@ -233,16 +249,16 @@ class Engine:
         """Stop the loop; with `remove`, take our table, rules and routes out of the kernel."""
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         if remove:
             await self._nft.delete()
             routing = self._applied.routing if self._applied.known else build_routing(self._config.tproxy)
-            await self._routing.remove(RoutingState(
-                rules=tuple(dict.fromkeys(routing.rules + build_routing(self._config.tproxy).rules)),
-                routes=tuple(dict.fromkeys(routing.routes + build_routing(self._config.tproxy).routes)),
-            ))
+            await self._routing.remove(
+                RoutingState(
+                    rules=tuple(dict.fromkeys(routing.rules + build_routing(self._config.tproxy).rules)),
+                    routes=tuple(dict.fromkeys(routing.routes + build_routing(self._config.tproxy).routes)),
+                )
+            )
             self._applied = _Applied(known=True)

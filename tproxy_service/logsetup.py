@@ -32,7 +32,7 @@ def sd_notify(state: str) -> None:
     if not os.environ.get("NOTIFY_SOCKET"):
         return
     try:
-        from systemd import daemon
+        from systemd import daemon  # type: ignore[attr-defined]
 
         daemon.notify(state)
     except ImportError:

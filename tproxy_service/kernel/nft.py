@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from ..errors import KernelError
@@ -65,8 +65,11 @@ class NftablesAdapter:
         finally:
             if self.watch:
                 self.watch.resume()
-        if self.on_missing and not await self._call(table_exists, rules.TABLE):
+        if self.on_missing and not await self.exists():
             self.on_missing("table deleted right after it was replaced")
+
+    async def exists(self) -> bool:
+        return bool(await self._call(table_exists, rules.TABLE))
 
     async def update_elements(self, changes: list[rules.SetChange]) -> None:
         await self._call(self._elements.apply, changes)

@@ -5,8 +5,8 @@ there first and removes extra copies (e.g. left by a crashed run)."""
 from __future__ import annotations
 
 import errno
-import os
 import logging
+import os
 import socket
 from collections import Counter
 from typing import Any
@@ -55,7 +55,12 @@ class RoutingAdapter:
         return count
 
     def _rule_args(self, spec: RuleSpec) -> dict[str, Any]:
-        return {"family": _AF[spec.family], "fwmark": spec.fwmark, "table": spec.table, "priority": spec.priority}
+        return {
+            "family": _AF[spec.family],
+            "fwmark": spec.fwmark,
+            "table": spec.table,
+            "priority": spec.priority,
+        }
 
     def _route_args(self, spec: RouteSpec) -> dict[str, Any]:
         return {

@@ -4,6 +4,7 @@ deleted by someone else. Each event is one `request`; the engine coalesces burst
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -82,9 +83,7 @@ class NetlinkMonitor:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
         if self._ipr is not None:
             self._ipr.close()
