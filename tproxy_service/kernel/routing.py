@@ -33,18 +33,15 @@ class RoutingAdapter:
             self._ipr = AsyncIPRoute()
         return self._ipr
 
-    async def _our_rules(self, spec: RuleSpec) -> int:
-        """How many copies of this exact rule exist."""
+    async def _our_rules(self, spec: RuleSpec) -> list[int]:
+        """Priorities of the rules sending our mark to our table. Any priority counts: a crashed
+        run with another rule_priority, or `ip rule add` without one, leaves such copies."""
         ipr = await self._sock()
-        count = 0
-        async for msg in await ipr.rule("dump", family=_AF[spec.family]):
-            if (
-                msg.get("fwmark") == spec.fwmark
-                and msg.get("table") == spec.table
-                and msg.get("priority") == spec.priority
-            ):
-                count += 1
-        return count
+        return [
+            msg.get("priority", 0)
+            async for msg in await ipr.rule("dump", family=_AF[spec.family])
+            if msg.get("fwmark") == spec.fwmark and msg.get("table") == spec.table
+        ]
 
     async def _route_count(self, spec: RouteSpec) -> int:
         ipr = await self._sock()
@@ -77,11 +74,16 @@ class RoutingAdapter:
         ipr = await self._sock()
         try:
             for rule in state.rules:
-                count = await self._our_rules(rule)
-                for _ in range(count - 1):
-                    log.info("removing a duplicate policy rule: %s", rule)
-                    await ipr.rule("del", **self._rule_args(rule))
-                if count == 0:
+                priorities = await self._our_rules(rule)
+                keep = rule.priority in priorities
+                extra = list(priorities)
+                if keep:
+                    extra.remove(rule.priority)
+                for priority in extra:
+                    log.info("removing a stale or duplicate policy rule (priority %d): %s", priority, rule)
+                    args = {**self._rule_args(rule), "priority": priority}
+                    await _tolerate(ipr.rule("del", **args), errno.ENOENT)
+                if not keep:
                     await _tolerate(ipr.rule("add", **self._rule_args(rule)), errno.EEXIST)
             for route in state.routes:
                 count = await self._route_count(route)
@@ -95,8 +97,9 @@ class RoutingAdapter:
         ipr = await self._sock()
         try:
             for rule in state.rules:
-                for _ in range(await self._our_rules(rule)):
-                    await _tolerate(ipr.rule("del", **self._rule_args(rule)), errno.ENOENT)
+                for priority in await self._our_rules(rule):
+                    args = {**self._rule_args(rule), "priority": priority}
+                    await _tolerate(ipr.rule("del", **args), errno.ENOENT)
             for route in state.routes:
                 for _ in range(await self._route_count(route)):
                     await _tolerate(ipr.route("del", **self._route_args(route)), errno.ESRCH, errno.ENOENT)
@@ -107,7 +110,7 @@ class RoutingAdapter:
         """For checks: how many copies of each of our rules and routes exist."""
         found: Counter[RuleSpec | RouteSpec] = Counter()
         for rule in state.rules:
-            found[rule] = await self._our_rules(rule)
+            found[rule] = (await self._our_rules(rule)).count(rule.priority)
         for route in state.routes:
             found[route] = await self._route_count(route)
         return found

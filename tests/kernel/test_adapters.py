@@ -1,0 +1,206 @@
+"""Kernel adapters against the real kernel: libnftables replace, netlink element updates (and
+their interplay), pyroute2 policy routing, the nf_tables drift watch, the facts reader."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tproxy_service.cidrs import parse_cidrs
+from tproxy_service.errors import KernelError
+from tproxy_service.kernel.facts import FactsReader
+from tproxy_service.kernel.nft import NftablesAdapter
+from tproxy_service.kernel.nft_netlink import SetElementWriter, table_exists
+from tproxy_service.kernel.routing import RoutingAdapter
+from tproxy_service.model import NftState, RouteSpec, RuleSpec, TproxySettings
+from tproxy_service.monitors.nft_events import NftDriftWatch
+from tproxy_service.rules.nft import IfnameChange, IntervalChange
+from tproxy_service.rules.routing import build_routing
+
+from ..unit.scenarios import SCENARIOS
+from .netns import run_in_netns, sh
+
+pytestmark = pytest.mark.root
+
+
+OTHER_TABLES = """\
+table ip nat {
+    chain POSTROUTING {
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "eth9" ip saddr 172.17.0.0/16 masquerade
+    }
+}
+table inet filter {
+    set allowed {
+        type ipv4_addr
+        elements = { 192.0.2.1 }
+    }
+    chain input {
+        type filter hook input priority filter; policy accept;
+        ip saddr @allowed accept
+    }
+}
+"""
+
+
+def _elements(set_name: str) -> list[object]:
+    data = json.loads(sh(f"nft -j list set inet tproxyd {set_name}"))
+    (found,) = [item["set"] for item in data["nftables"] if "set" in item]
+    return list(found.get("elem", []))
+
+
+def _contains(set_name: str, element: str) -> bool:
+    return sh(f"nft get element inet tproxyd {set_name} '{{ {element} }}'", check=False) != ""
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_every_golden_scenario_loads_into_the_kernel(name: str) -> None:
+    def body() -> None:
+        adapter = NftablesAdapter()
+        asyncio.run(adapter.replace(SCENARIOS[name]))
+        asyncio.run(adapter.replace(SCENARIOS[name]))  # idempotent: still one table
+        assert sh("nft list tables").splitlines() == ["table inet tproxyd"]
+        listed = sh("nft list table inet tproxyd")
+        assert "tproxy ip to 127.0.0.1" in listed
+        asyncio.run(adapter.delete())
+        asyncio.run(adapter.delete())  # idempotent
+        assert sh("nft list tables") == ""
+        adapter.close()
+
+    run_in_netns(body)
+
+
+def test_replace_leaves_other_tables_byte_identical() -> None:
+    def body() -> None:
+        sh("nft -f - <<'EOF'\n" + OTHER_TABLES + "EOF")
+        before = sh("nft list table ip nat") + sh("nft list table inet filter")
+        adapter = NftablesAdapter()
+        asyncio.run(adapter.replace(SCENARIOS["default"]))
+        asyncio.run(adapter.replace(SCENARIOS["ipv4_tcp_only"]))
+        asyncio.run(adapter.delete())
+        assert sh("nft list table ip nat") + sh("nft list table inet filter") == before
+        adapter.close()
+
+    run_in_netns(body)
+
+
+def test_netlink_element_updates_interoperate_with_libnftables() -> None:
+    """Elements written by libnftables can be deleted over netlink and vice versa."""
+
+    def body() -> None:
+        adapter = NftablesAdapter()
+        asyncio.run(adapter.replace(SCENARIOS["default"]))  # local4 has 203.0.113.0/24 from libnftables
+        writer = SetElementWriter("tproxyd")
+        (old,) = [iv for iv in parse_cidrs(["203.0.113.0/24"], "t").v4]
+        new = parse_cidrs(["198.51.100.64/26", "255.255.255.0/24"], "t").v4  # second one reaches the top
+        writer.apply([IntervalChange("local4", 4, new, (old,))])
+        assert not _contains("local4", "203.0.113.9")
+        assert _contains("local4", "198.51.100.70") and _contains("local4", "255.255.255.255")
+        assert not _contains("local4", "198.51.100.1")
+        writer.apply([IntervalChange("local4", 4, (), new)])
+        assert not _contains("local4", "198.51.100.70") and not _contains("local4", "255.255.255.1")
+        v6 = parse_cidrs(["2001:db8:9::/48"], "t").v6
+        writer.apply([IntervalChange("local6", 6, v6, ())])
+        assert _contains("local6", "2001:db8:9::1")
+        writer.apply([IfnameChange("lan_links", ("veth-new",), ("br-lan",))])
+        names = _elements("lan_links")
+        assert "veth-new" in names and "br-lan" not in names and "wlan0" in names
+        # An element added over netlink is gone after a libnftables replace with the desired state.
+        asyncio.run(adapter.replace(SCENARIOS["default"]))
+        assert "veth-new" not in _elements("lan_links")
+        adapter.close()
+
+    run_in_netns(body)
+
+
+def test_element_update_errors_are_atomic_and_reported() -> None:
+    def body() -> None:
+        asyncio.run(NftablesAdapter().replace(SCENARIOS["default"]))
+        writer = SetElementWriter("tproxyd")
+        with pytest.raises(KernelError, match="No such file or directory"):
+            writer.apply(
+                [IfnameChange("lan_links", ("added-first",), ()), IfnameChange("no_such_set", ("x",), ())]
+            )
+        assert "added-first" not in _elements("lan_links"), "a failed batch must change nothing"
+        sh("nft delete table inet tproxyd")
+        with pytest.raises(KernelError):
+            writer.apply([IfnameChange("lan_links", ("x",), ())])
+        assert not table_exists("tproxyd")
+
+    run_in_netns(body)
+
+
+def test_routing_ensure_exactly_once_and_remove_all() -> None:
+    def body() -> None:
+        state = build_routing(TproxySettings())
+        # Leftovers of crashed runs (or of `ip rule add` run twice): same mark and table.
+        sh("ip rule add fwmark 1 lookup 100")
+        sh("ip rule add fwmark 1 lookup 100")
+        sh("ip rule add fwmark 1 lookup 100 priority 10100")
+
+        async def scenario() -> None:  # one event loop: the adapter keeps its netlink socket
+            routing = RoutingAdapter()
+            await routing.ensure(state)
+            await routing.ensure(state)
+            counts = await routing.count(state)
+            assert counts[RuleSpec(4, 1, 100, 10100)] == 1 and counts[RuleSpec(6, 1, 100, 10100)] == 1
+            assert counts[RouteSpec(4, 100)] == 1 and counts[RouteSpec(6, 100)] == 1
+            assert sh("ip rule").count("fwmark 0x1 lookup 100") == 1, sh("ip rule")
+            assert "local default dev lo" in sh("ip route show table 100")
+            assert "local default dev lo" in sh("ip -6 route show table 100")
+            await routing.remove(state)
+            await routing.remove(state)  # tolerant of nothing to remove
+            routing.close()
+
+        asyncio.run(scenario())
+        assert "fwmark" not in sh("ip rule") + sh("ip -6 rule")
+        assert sh("ip route show table 100") + sh("ip -6 route show table 100") == ""
+
+    run_in_netns(body)
+
+
+def test_drift_watch_reports_others_not_us() -> None:
+    def body() -> None:
+        async def scenario() -> list[str]:
+            seen: list[str] = []
+            adapter = NftablesAdapter()
+            watch = NftDriftWatch("tproxyd", seen.append)
+            adapter.watch = watch
+            watch.start()
+            await adapter.replace(SCENARIOS["default"])
+            await adapter.update_elements([IfnameChange("lan_links", ("ours0",), ())])
+            await asyncio.sleep(0.2)  # let any (wrongly reported) event of ours arrive
+            assert seen == [], f"our own changes were reported as drift: {seen}"
+            proc = await asyncio.create_subprocess_shell("nft delete table inet tproxyd")
+            await proc.wait()
+            for _ in range(200):
+                if seen:
+                    break
+                await asyncio.sleep(0.01)
+            watch.pause()
+            adapter.close()
+            return seen
+
+        seen = asyncio.run(scenario())
+        assert seen and "table changed by pid" in seen[0]
+
+    run_in_netns(body)
+
+
+def test_facts_reader_sees_links_and_addresses() -> None:
+    def body() -> None:
+        sh("ip link add tpk-a type veth peer name tpk-b")
+        sh("ip addr add 198.51.100.1/25 dev tpk-a && ip -6 addr add 2001:db8:7::1/64 dev tpk-a nodad")
+        facts = asyncio.run(FactsReader().read())
+        assert {"lo", "tpk-a", "tpk-b"} <= facts.link_names
+        addrs = {(a.address, a.prefixlen) for a in facts.addresses}
+        assert ("198.51.100.1", 25) in addrs and ("2001:db8:7::1", 64) in addrs
+
+    run_in_netns(body)
+
+
+def test_state_with_no_links_still_valid() -> None:
+    state = SCENARIOS["empty_sets"]
+    assert isinstance(state, NftState) and not state.lan_links

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tproxy_service.cidrs import load_cidr_file, merge, parse_cidr, parse_cidr_lines
+from tproxy_service.errors import ConfigError
+from tproxy_service.model import Interval
+
+
+def test_parse_cidr_normalizes_host_bits_and_bare_addresses() -> None:
+    assert parse_cidr("198.51.100.7/24") == (4, Interval(0xC6336400, 0xC63364FF))
+    assert parse_cidr("192.0.2.1") == (4, Interval(0xC0000201, 0xC0000201))
+    family, iv = parse_cidr("2001:db8::/32")
+    assert family == 6 and iv.last - iv.first == (1 << 96) - 1
+
+
+@pytest.mark.parametrize(
+    "bad", ["1.2.3", "1.2.3.4/33", "1.2.3.4/", "::/129", "x", "1.2.3.4/-1", "1.2.3.4/ 8"]
+)
+def test_parse_cidr_rejects(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_cidr(bad)
+
+
+def test_merge_overlapping_duplicate_and_adjacent() -> None:
+    ivs = [
+        Interval(10, 20),
+        Interval(15, 30),
+        Interval(10, 20),
+        Interval(31, 40),
+        Interval(50, 60),
+        Interval(55, 56),
+    ]
+    assert merge(ivs) == (Interval(10, 40), Interval(50, 60))
+
+
+def test_lines_with_comments_blanks_and_mixed_families() -> None:
+    text = "# list\n\n198.51.100.0/24  # docs\n2001:db8::/32\n198.51.100.0/25\n   \n203.0.113.5\n"
+    s = parse_cidr_lines(text.splitlines(), "list.txt")
+    assert len(s.v4) == 2 and len(s.v6) == 1
+
+
+def test_bad_line_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "list.txt"
+    path.write_text("198.51.100.0/24\n# fine\n203.0.113.0/33\n")
+    with pytest.raises(ConfigError, match=r"list\.txt:3: '203\.0\.113\.0/33' has an invalid prefix length"):
+        load_cidr_file(path)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read CIDR list file"):
+        load_cidr_file(tmp_path / "nope.txt")
+
+
+def test_100k_lines_load(tmp_path: Path) -> None:
+    path = tmp_path / "big.txt"
+    path.write_text("".join(f"{a}.{b}.{c}.0/24\n" for a in (11, 12) for b in range(200) for c in range(250)))
+    s = load_cidr_file(path)
+    assert sum(iv.last - iv.first + 1 for iv in s.v4) == 100_000 * 256

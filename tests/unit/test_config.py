@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tproxy_service.config import load_config, parse_config
+from tproxy_service.errors import ConfigError
+from tproxy_service.model import FailurePolicy, LinkMode
+
+FULL = """\
+state_dir = "state"
+runtime_dir = "/tmp/tproxyd-run"
+
+[tproxy]
+port = 7893
+mark = 2
+core_mark = 255
+route_table = 200
+rule_priority = 9000
+ipv6 = false
+udp = true
+dns_hijack = false
+failure_policy = "closed"
+
+[bypass]
+reserved = false
+local_subnets = true
+cidrs = ["198.51.100.0/24", "2001:db8::/32"]
+files = ["list.txt"]
+
+[links]
+wlan0 = "host"
+"br-lan" = "lan"
+"usb0" = "both"
+
+[core]
+[networkmanager]
+"""
+
+
+def test_full_config(tmp_path: Path) -> None:
+    (tmp_path / "list.txt").write_text("203.0.113.0/24\n")
+    path = tmp_path / "config.toml"
+    path.write_text(FULL)
+    c = load_config(path)
+    assert c.path == path and c.state_dir == tmp_path / "state"
+    assert c.tproxy.port == 7893 and c.tproxy.failure_policy is FailurePolicy.CLOSED and not c.tproxy.ipv6
+    assert c.links == {"wlan0": LinkMode.HOST, "br-lan": LinkMode.LAN, "usb0": LinkMode.BOTH}
+    assert len(c.user_bypass.v4) == 2 and len(c.user_bypass.v6) == 1
+    assert c.bypass.files == (tmp_path / "list.txt",)
+
+
+def test_defaults() -> None:
+    c = parse_config("")
+    assert (c.tproxy.port, c.tproxy.mark, c.tproxy.core_mark, c.tproxy.route_table) == (12345, 1, 255, 100)
+    assert c.tproxy.ipv6 and c.tproxy.udp and c.tproxy.dns_hijack and c.bypass.reserved
+    assert c.links == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[tproxy]\nport = 0\n", r"c\.toml:2: tproxy\.port: must be between 1 and 65535, got 0"),
+        ('[tproxy]\n\nport = "80"\n', r"c\.toml:3: tproxy\.port: must be an integer, got '80'"),
+        ("[tproxy]\nmark = 7\ncore_mark = 7\n", r"c\.toml:3: tproxy\.core_mark: must differ"),
+        ("[tproxy]\nroute_table = 254\n", r"c\.toml:2: tproxy\.route_table: 254 is a kernel-reserved"),
+        ('[tproxy]\nipv6 = "yes"\n', r"c\.toml:2: tproxy\.ipv6: must be true or false"),
+        ('[tproxy]\nfailure_policy = "maybe"\n', r"c\.toml:2: tproxy\.failure_policy: must be \"open\" or"),
+        ("[tproxy]\nprot = 1\n", r"c\.toml:2: tproxy\.prot: unknown key"),
+        ("colour = 1\n", r"c\.toml:1: colour: unknown key"),
+        ('[bypass]\ncidrs = ["198.51.100.0/24", "nope"]\n', r"c\.toml:2: bypass\.cidrs\[1\]: 'nope' is not"),
+        ('[bypass]\nfiles = "a.txt"\n', r"c\.toml:2: bypass\.files: must be a list of file paths"),
+        ('[bypass]\nfiles = ["missing.txt"]\n', r"cannot read CIDR list file .*missing\.txt"),
+        ('[links]\n"eth0/1" = "lan"\n', r"c\.toml:2: links\.eth0/1: interface name"),
+        (
+            '[links]\n"averyveryverylongname" = "lan"\n',
+            r"c\.toml:2: links\.averyveryverylongname: .*1-15 bytes",
+        ),
+        ('[links]\neth0 = "proxy"\n', r"c\.toml:2: links\.eth0: no such mode 'proxy'"),
+        ("[links]\neth0 = 1\n", r"c\.toml:2: links\.eth0: mode must be a string"),
+        ("links = 3\n", r"c\.toml:1: links: must be a table"),
+        ("[tproxy\nport = 1\n", r"c\.toml: invalid TOML"),
+    ],
+)
+def test_errors_name_key_and_line(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        parse_config(text, "c.toml", tmp_path)
+
+
+def test_unreadable_config(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "absent.toml")

@@ -1,0 +1,301 @@
+"""The reconcile engine against fake adapters: ordering, rollback, coalescing, idempotence."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import pytest
+
+from tproxy_service.engine import Engine
+from tproxy_service.errors import KernelError
+from tproxy_service.model import (
+    AddressFact,
+    Config,
+    Facts,
+    LinkFact,
+    LinkMode,
+    NftState,
+    RoutingState,
+    ServiceState,
+)
+from tproxy_service.rules.nft import IfnameChange, IntervalChange, SetChange
+
+T = TypeVar("T")
+
+
+class FakeNft:
+    def __init__(self) -> None:
+        self.table: NftState | None = None
+        self.calls: list[str] = []
+        self.fail_replace = False
+        self.fail_elements = False
+        self.present = True
+
+    async def exists(self) -> bool:
+        return self.table is not None and self.present
+
+    async def replace(self, state: NftState) -> None:
+        self.calls.append("replace")
+        if self.fail_replace:
+            raise KernelError("replace failed")
+        self.table = state
+        self.present = True
+
+    async def update_elements(self, changes: list[SetChange]) -> None:
+        self.calls.append("elements:" + ",".join(sorted(c.set_name for c in changes)))
+        if self.fail_elements:
+            raise KernelError("element update failed")
+        assert self.table is not None
+
+    async def delete(self) -> None:
+        self.calls.append("delete")
+        self.table = None
+
+
+class FakeRouting:
+    def __init__(self) -> None:
+        self.installed: set[object] = set()
+        self.calls: list[str] = []
+        self.fail_ensure = False
+
+    async def ensure(self, state: RoutingState) -> None:
+        self.calls.append("ensure")
+        if self.fail_ensure:
+            raise KernelError("ip rule add failed")
+        self.installed |= set(state.rules) | set(state.routes)
+
+    async def remove(self, state: RoutingState) -> None:
+        self.calls.append("remove")
+        self.installed -= set(state.rules) | set(state.routes)
+
+
+class FakeFacts:
+    def __init__(self) -> None:
+        self.facts = Facts(
+            links=(LinkFact("lo", 1, True), LinkFact("eth0", 2, True)),
+            addresses=(AddressFact(2, 4, "203.0.113.2", 24),),
+        )
+        self.reads = 0
+
+    async def read(self) -> Facts:
+        self.reads += 1
+        await asyncio.sleep(0)
+        return self.facts
+
+
+def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(coro_fn())  # type: ignore[arg-type]
+
+
+def make(links: dict[str, LinkMode] | None = None) -> tuple[Engine, FakeNft, FakeRouting, FakeFacts]:
+    nft, routing, facts = FakeNft(), FakeRouting(), FakeFacts()
+    config = Config(links=links if links is not None else {"eth0": LinkMode.LAN})
+    return Engine(config, nft, routing, facts), nft, routing, facts
+
+
+def test_first_pass_replaces_and_routes() -> None:
+    async def body() -> None:
+        engine, nft, routing, _ = make()
+        engine.start()
+        status = await engine.reconcile("startup")
+        assert status.state is ServiceState.ACTIVE and status.active_links == ("eth0",)
+        assert nft.calls == ["replace"] and routing.calls[0] == "ensure"
+        assert nft.table is not None and nft.table.lan_links == {"eth0"}
+        assert len(routing.installed) == 4  # rule + route, both families
+        await engine.stop()
+
+    run(body)
+
+
+def test_first_pass_with_nothing_configured_cleans_leftovers() -> None:
+    async def body() -> None:
+        engine, nft, routing, _ = make(links={})
+        engine.start()
+        status = await engine.reconcile("startup")
+        assert status.state is ServiceState.OFF
+        assert nft.calls == ["delete"] and routing.calls == ["remove"]
+        await engine.stop()
+
+    run(body)
+
+
+def test_link_toggle_is_an_element_update_not_a_replace() -> None:
+    async def body() -> None:
+        engine, nft, routing, _ = make()
+        engine.start()
+        await engine.reconcile("startup")
+        routing.calls.clear()
+        await engine.wait_for(engine.set_links({"eth0": LinkMode.LAN, "wlan0": LinkMode.HOST}))
+        assert nft.calls == ["replace", "elements:host_links"]
+        assert routing.calls == []  # routing unchanged: not touched
+        assert engine.status.active_links == ("eth0",)  # wlan0 configured but absent
+        await engine.stop()
+
+    run(body)
+
+
+def test_idempotent_pass_changes_nothing() -> None:
+    async def body() -> None:
+        engine, nft, routing, _ = make()
+        engine.start()
+        await engine.reconcile("startup")
+        calls = (list(nft.calls), list(routing.calls))
+        await engine.reconcile("again")
+        await engine.wait_for(engine.set_links({"eth0": LinkMode.LAN}))
+        assert (nft.calls, routing.calls) == calls
+        await engine.stop()
+
+    run(body)
+
+
+def test_burst_of_requests_coalesces() -> None:
+    async def body() -> None:
+        engine, _nft, _routing, facts = make()
+        engine.start()
+        await engine.reconcile("startup")
+        before = engine.passes
+        tickets = [engine.request(f"event {i}") for i in range(100)]
+        await engine.wait_for(tickets[-1])
+        assert engine.passes - before <= 2, "100 requests made while idle must coalesce into 1-2 passes"
+        assert facts.reads == engine.passes
+        await engine.stop()
+
+    run(body)
+
+
+def test_new_address_updates_local_set_only() -> None:
+    async def body() -> None:
+        engine, nft, _routing, facts = make()
+        engine.start()
+        await engine.reconcile("startup")
+        facts.facts = Facts(
+            links=facts.facts.links,
+            addresses=(*facts.facts.addresses, AddressFact(2, 6, "2001:db8:5::1", 64)),
+        )
+        await engine.reconcile("address added")
+        assert nft.calls[-1] == "elements:local6"
+        await engine.stop()
+
+    run(body)
+
+
+def test_failed_element_update_falls_back_to_replace() -> None:
+    async def body() -> None:
+        engine, nft, _routing, _ = make()
+        engine.start()
+        await engine.reconcile("startup")
+        nft.fail_elements = True
+        status = await engine.wait_for(engine.set_links({"eth1": LinkMode.LAN}))
+        assert nft.calls[-2:] == ["elements:lan_links", "replace"]
+        assert status.state is ServiceState.ACTIVE
+        assert nft.table is not None and nft.table.lan_links == {"eth1"}
+        await engine.stop()
+
+    run(body)
+
+
+def test_failed_routing_rolls_back_to_previous_state() -> None:
+    async def body() -> None:
+        engine, nft, routing, _ = make()
+        engine.start()
+        await engine.reconcile("startup")
+        good_table, good_routes = nft.table, set(routing.installed)
+        routing.fail_ensure = True
+        # A config change that needs new routing (other table): ensure fails -> rollback.
+        bad = Config(links={"eth0": LinkMode.LAN}, tproxy=type(engine.config.tproxy)(route_table=200))
+        status = await engine.wait_for(engine.set_config(bad))
+        assert status.state is ServiceState.FAILED and "ip rule add failed" in status.last_error
+        assert nft.table == good_table
+        routing.fail_ensure = False
+        assert routing.installed == good_routes
+        await engine.stop()
+
+    run(body)
+
+
+def test_failed_replace_reports_and_keeps_previous() -> None:
+    async def body() -> None:
+        engine, nft, _routing, _ = make()
+        engine.start()
+        await engine.reconcile("startup")
+        good = nft.table
+        nft.fail_replace = True
+        bad = Config(links={"eth0": LinkMode.LAN}, tproxy=type(engine.config.tproxy)(port=999))
+        status = await engine.wait_for(engine.set_config(bad))
+        assert status.state is ServiceState.FAILED and status.last_error == "replace failed"
+        assert nft.table is good
+        nft.fail_replace = False
+        status = await engine.reconcile("retry")
+        assert (
+            status.state is ServiceState.ACTIVE and nft.table is not None and nft.table.settings.port == 999
+        )
+        await engine.stop()
+
+    run(body)
+
+
+def test_drift_forces_replace_and_reapply_checks_table() -> None:
+    async def body() -> None:
+        engine, nft, routing, _ = make()
+        engine.start()
+        await engine.reconcile("startup")
+        await engine.wait_for(engine.request("someone deleted it", nft_drift=True))
+        assert nft.calls[-1] == "replace"
+        nft.present = False  # deleted behind our back, no event seen
+        routing.installed.clear()
+        await engine.wait_for(engine.reapply())
+        assert nft.calls[-1] == "replace" and nft.present
+        assert len(routing.installed) == 4
+        await engine.stop()
+
+    run(body)
+
+
+def test_disable_removes_everything_and_stop_cleans_up() -> None:
+    async def body() -> None:
+        engine, nft, routing, _ = make()
+        engine.start()
+        await engine.reconcile("startup")
+        status = await engine.wait_for(engine.set_enabled(False))
+        assert status.state is ServiceState.OFF and nft.table is None and not routing.installed
+        await engine.wait_for(engine.set_enabled(True))
+        assert nft.table is not None
+        await engine.stop(remove=True)
+        assert nft.table is None and not routing.installed
+
+    run(body)
+
+
+def test_listener_sees_status_changes() -> None:
+    async def body() -> None:
+        engine, _nft, _routing, _ = make()
+        seen: list[ServiceState] = []
+        engine.add_listener(lambda s: seen.append(s.state))
+        engine.start()
+        await engine.reconcile("startup")
+        await engine.wait_for(engine.set_enabled(False))
+        assert seen == [ServiceState.ACTIVE, ServiceState.OFF]
+        await engine.stop()
+
+    run(body)
+
+
+@pytest.mark.parametrize("mode", list(LinkMode))
+def test_modes_fill_the_right_sets(mode: LinkMode) -> None:
+    async def body() -> None:
+        engine, nft, _routing, _ = make(links={"eth0": mode})
+        engine.start()
+        await engine.reconcile("startup")
+        assert nft.table is not None
+        assert ("eth0" in nft.table.lan_links) == (mode in (LinkMode.LAN, LinkMode.BOTH))
+        assert ("eth0" in nft.table.host_links) == (mode in (LinkMode.HOST, LinkMode.BOTH))
+        await engine.stop()
+
+    run(body)
+
+
+def test_interval_and_ifname_changes_are_typed() -> None:
+    assert IfnameChange("lan_links", ("a",), ()).set_name == "lan_links"
+    assert IntervalChange("local4", 4, (), ()).family == 4

@@ -1,0 +1,120 @@
+"""Golden tests of the pure nftables builder; every golden file also passes libnftables'
+own JSON schema validation (the `nftables` module's json_validate)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tproxy_service.cidrs import parse_cidrs
+from tproxy_service.model import AddressSet, Interval
+from tproxy_service.rules import nft as rules
+
+from .scenarios import SCENARIOS
+
+GOLDEN = Path(__file__).parent / "golden"
+REGEN = os.environ.get("TPROXYD_REGEN_GOLDEN") == "1"
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_replace_matches_golden(name: str) -> None:
+    built = rules.build_replace(SCENARIOS[name])
+    path = GOLDEN / f"{name}.json"
+    if REGEN:
+        path.write_text(json.dumps(built, indent=1, sort_keys=True) + "\n")
+    assert built == json.loads(path.read_text()), f"{name}: builder output differs from {path}"
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_golden_passes_libnftables_schema(name: str) -> None:
+    nftables = pytest.importorskip("nftables", reason="Debian's python3-nftables is required")
+    pytest.importorskip("jsonschema", reason="python3-jsonschema is required for schema validation")
+    payload = json.loads((GOLDEN / f"{name}.json").read_text())
+    assert nftables.Nftables().json_validate(payload)
+
+
+def test_delete_is_idempotent_add_then_delete() -> None:
+    commands = rules.build_delete()["nftables"]
+    assert [next(iter(c)) for c in commands] == ["metainfo", "add", "delete"]
+
+
+def test_replace_touches_only_our_table() -> None:
+    for command in rules.build_replace(SCENARIOS["default"])["nftables"][1:]:
+        ((_verb, obj),) = command.items()
+        ((kind, body),) = obj.items()
+        name = body["name"] if kind == "table" else body["table"]
+        assert (body["family"], name) == ("inet", "tproxyd"), command
+
+
+def _chain_rules(name: str, chain: str) -> list[list[dict[str, object]]]:
+    built = rules.build_replace(SCENARIOS[name])["nftables"]
+    return [
+        c["add"]["rule"]["expr"]
+        for c in built
+        if "rule" in c.get("add", {}) and c["add"]["rule"]["chain"] == chain
+    ]
+
+
+def test_dns_exception_precedes_bypass_sets() -> None:
+    """DNS to a local-subnet resolver must `return` (be proxied) before any bypass `accept`."""
+    exprs = [json.dumps(r) for r in _chain_rules("default", "bypass")]
+    dns = [i for i, r in enumerate(exprs) if '"dport"' in r]
+    sets = [i for i, r in enumerate(exprs) if "@bypass4" in r or ("@local4" in r and "dport" not in r)]
+    assert dns and max(dns) < min(sets)
+    assert not any('"dport"' in json.dumps(r) for r in _chain_rules("no_dns_hijack_custom_ports", "bypass"))
+
+
+def test_loop_prevention_comes_first() -> None:
+    first_two = [json.dumps(r) for r in _chain_rules("default", "bypass")[:2]]
+    assert '"mark"' in first_two[0] and "255" in first_two[0]
+    assert '"direction"' in first_two[1] and '"reply"' in first_two[1]
+
+
+def test_ipv4_only_has_no_ipv6_tproxy_and_returns_ipv6_in_output() -> None:
+    proxy = json.dumps(_chain_rules("ipv4_tcp_only", "proxy"))
+    assert '"ip6"' not in proxy and '"udp"' not in proxy
+    output = json.dumps(_chain_rules("ipv4_tcp_only", "output"))
+    assert '"ipv6"' in output
+
+
+def test_interval_elements_use_prefix_address_or_range() -> None:
+    assert rules.interval_element(4, Interval(0xC0000200, 0xC00002FF)) == {
+        "prefix": {"addr": "192.0.2.0", "len": 24}
+    }
+    assert rules.interval_element(4, Interval(0xC0000201, 0xC0000201)) == "192.0.2.1"
+    assert rules.interval_element(4, Interval(0xC0000201, 0xC0000203)) == {
+        "range": ["192.0.2.1", "192.0.2.3"]
+    }
+
+
+def test_element_changes_only_for_dynamic_sets() -> None:
+    old = SCENARIOS["default"]
+    new_local = parse_cidrs(["203.0.113.0/24", "10.77.0.0/24", "10.88.0.0/16", "2001:db8:1::/64"], "t")
+    new = type(old)(old.settings, old.bypass, frozenset({"wlan0"}), old.host_links | {"usb0"}, new_local)
+    changes = rules.element_changes(old, new)
+    assert changes is not None
+    by_set = {c.set_name: c for c in changes}
+    assert set(by_set) == {"lan_links", "host_links", "local4", "local6"}
+    lan = by_set["lan_links"]
+    assert isinstance(lan, rules.IfnameChange) and lan.remove == ("br-lan",) and lan.add == ()
+    local6 = by_set["local6"]
+    assert isinstance(local6, rules.IntervalChange) and len(local6.remove) == 1 and local6.add == ()
+    assert rules.element_changes(old, old) == []
+
+
+def test_element_changes_none_when_skeleton_differs() -> None:
+    old = SCENARIOS["default"]
+    assert rules.element_changes(old, SCENARIOS["ipv4_tcp_only"]) is None
+    other_bypass = type(old)(old.settings, AddressSet(), old.lan_links, old.host_links, old.local)
+    assert rules.element_changes(old, other_bypass) is None
+
+
+def test_schema_validation_rejects_a_malformed_document() -> None:
+    """Negative control: the validator used above does reject documents outside the schema."""
+    nftables = pytest.importorskip("nftables", reason="Debian's python3-nftables is required")
+    jsonschema = pytest.importorskip("jsonschema")
+    with pytest.raises(jsonschema.ValidationError):
+        nftables.Nftables().json_validate({"nftables": "add table inet tproxyd"})

@@ -1,0 +1,35 @@
+"""Every D-Bus name, path, interface, error name and polkit action id of tproxyd, once
+(DESIGN.md section 2). The daemon, tproxyctl, the tests and the bench import them from here."""
+
+from typing import Final
+
+BUS_NAME: Final = "io.github.Tproxyd"
+OBJECT_PATH: Final = "/io/github/Tproxyd"
+MANAGER_IFACE: Final = "io.github.Tproxyd.Manager1"
+
+# Our errors (the contract's) ...
+ERROR_INVALID_ARGUMENT: Final = "io.github.Tproxyd.Error.InvalidArgument"
+ERROR_INVALID_CONFIG: Final = "io.github.Tproxyd.Error.InvalidConfig"
+ERROR_FAILED: Final = "io.github.Tproxyd.Error.Failed"
+# ... and the standard ones we send.
+ERROR_ACCESS_DENIED: Final = "org.freedesktop.DBus.Error.AccessDenied"
+ERROR_INVALID_ARGS: Final = "org.freedesktop.DBus.Error.InvalidArgs"  # wrong signature
+ERROR_UNKNOWN_METHOD: Final = "org.freedesktop.DBus.Error.UnknownMethod"
+ERROR_UNKNOWN_INTERFACE: Final = "org.freedesktop.DBus.Error.UnknownInterface"
+ERROR_UNKNOWN_PROPERTY: Final = "org.freedesktop.DBus.Error.UnknownProperty"
+ERROR_PROPERTY_READ_ONLY: Final = "org.freedesktop.DBus.Error.PropertyReadOnly"
+
+# polkit actions (polkit/io.github.Tproxyd.policy)
+ACTION_TOGGLE: Final = "io.github.Tproxyd.toggle"
+ACTION_CONFIGURE: Final = "io.github.Tproxyd.configure"
+
+# Standard services we talk to.
+DBUS_NAME: Final = "org.freedesktop.DBus"
+DBUS_PATH: Final = "/org/freedesktop/DBus"
+DBUS_IFACE: Final = "org.freedesktop.DBus"
+PROPERTIES_IFACE: Final = "org.freedesktop.DBus.Properties"
+INTROSPECTABLE_IFACE: Final = "org.freedesktop.DBus.Introspectable"
+PEER_IFACE: Final = "org.freedesktop.DBus.Peer"
+POLKIT_NAME: Final = "org.freedesktop.PolicyKit1"
+POLKIT_PATH: Final = "/org/freedesktop/PolicyKit1/Authority"
+POLKIT_IFACE: Final = "org.freedesktop.PolicyKit1.Authority"
