@@ -81,17 +81,13 @@ _TPROXY_KEYS: dict[str, Callable[[Any], str | None]] = {
     "ipv6": _is_bool,
     "udp": _is_bool,
     "dns_hijack": _is_bool,
-    "failure_policy": lambda v: (
-        None if v in ("open", "closed") else f'must be "open" or "closed", got {_show(v)}'
-    ),
+    "failure_policy": lambda v: None if v in ("open", "closed") else f'must be "open" or "closed", got {_show(v)}',
 }
 _BYPASS_KEYS: dict[str, Callable[[Any], str | None]] = {
     "reserved": _is_bool,
     "local_subnets": _is_bool,
     "cidrs": lambda v: (
-        None
-        if isinstance(v, list) and all(isinstance(x, str) for x in v)
-        else "must be a list of CIDR strings"
+        None if isinstance(v, list) and all(isinstance(x, str) for x in v) else "must be a list of CIDR strings"
     ),
     "files": lambda v: (
         None if isinstance(v, list) and all(isinstance(x, str) for x in v) else "must be a list of file paths"

@@ -193,9 +193,7 @@ class Engine:
         state = ServiceState.ACTIVE if desired.nft is not None else ServiceState.OFF
         self._publish(EngineStatus(state, desired.active_links, ""))
 
-    async def _apply(
-        self, prev: _Applied, desired: DesiredState, nft_drift: bool, routing_drift: bool
-    ) -> None:
+    async def _apply(self, prev: _Applied, desired: DesiredState, nft_drift: bool, routing_drift: bool) -> None:
         if desired.nft is None:
             if prev.nft is not None or not prev.known or nft_drift:
                 await self._nft.delete()

@@ -74,6 +74,17 @@ class BypassSettings:
 
 
 @dataclass(frozen=True)
+class CoreSettings:
+    """[core]: the proxy core tproxyd supervises through systemd."""
+
+    config: Path | None = None  # the user's v2ray JSON; None = built-in direct (freedom) outbound
+    binary: Path = Path("/usr/bin/v2ray")  # xray takes the same flags
+    unit: str = "tproxyd-core.service"
+    systemd_bus: str = "system"  # "system", "user" or a D-Bus address
+    sniffing: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None = None
     state_dir: Path = Path("/var/lib/tproxyd")
@@ -81,6 +92,7 @@ class Config:
     tproxy: TproxySettings = field(default_factory=TproxySettings)
     bypass: BypassSettings = field(default_factory=BypassSettings)
     links: dict[str, LinkMode] = field(default_factory=dict)
+    core: CoreSettings = field(default_factory=CoreSettings)
     # The user's bypass CIDRs and files, parsed and merged once at load time.
     user_bypass: AddressSet = field(default_factory=AddressSet)
 

@@ -120,9 +120,7 @@ def test_element_update_errors_are_atomic_and_reported() -> None:
         asyncio.run(NftablesAdapter().replace(SCENARIOS["default"]))
         writer = SetElementWriter("tproxyd")
         with pytest.raises(KernelError, match="No such file or directory"):
-            writer.apply(
-                [IfnameChange("lan_links", ("added-first",), ()), IfnameChange("no_such_set", ("x",), ())]
-            )
+            writer.apply([IfnameChange("lan_links", ("added-first",), ()), IfnameChange("no_such_set", ("x",), ())])
         assert "added-first" not in _elements("lan_links"), "a failed batch must change nothing"
         sh("nft delete table inet tproxyd")
         with pytest.raises(KernelError):

@@ -25,9 +25,7 @@ def _state(settings: TproxySettings, **kw: object) -> NftState:
 SCENARIOS: dict[str, NftState] = {
     "default": _state(TproxySettings()),
     "ipv4_tcp_only": _state(TproxySettings(ipv6=False, udp=False)),
-    "no_dns_hijack_custom_ports": _state(
-        TproxySettings(port=7893, mark=0x2333, core_mark=0xFF00, dns_hijack=False)
-    ),
+    "no_dns_hijack_custom_ports": _state(TproxySettings(port=7893, mark=0x2333, core_mark=0xFF00, dns_hijack=False)),
     "empty_sets": _state(
         TproxySettings(),
         bypass=AddressSet(),

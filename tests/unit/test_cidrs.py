@@ -16,9 +16,7 @@ def test_parse_cidr_normalizes_host_bits_and_bare_addresses() -> None:
     assert family == 6 and iv.last - iv.first == (1 << 96) - 1
 
 
-@pytest.mark.parametrize(
-    "bad", ["1.2.3", "1.2.3.4/33", "1.2.3.4/", "::/129", "x", "1.2.3.4/-1", "1.2.3.4/ 8"]
-)
+@pytest.mark.parametrize("bad", ["1.2.3", "1.2.3.4/33", "1.2.3.4/", "::/129", "x", "1.2.3.4/-1", "1.2.3.4/ 8"])
 def test_parse_cidr_rejects(bad: str) -> None:
     with pytest.raises(ValueError):
         parse_cidr(bad)

@@ -228,9 +228,7 @@ def test_failed_replace_reports_and_keeps_previous() -> None:
         assert nft.table is good
         nft.fail_replace = False
         status = await engine.reconcile("retry")
-        assert (
-            status.state is ServiceState.ACTIVE and nft.table is not None and nft.table.settings.port == 999
-        )
+        assert status.state is ServiceState.ACTIVE and nft.table is not None and nft.table.settings.port == 999
         await engine.stop()
 
     run(body)

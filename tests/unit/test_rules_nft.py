@@ -52,9 +52,7 @@ def test_replace_touches_only_our_table() -> None:
 def _chain_rules(name: str, chain: str) -> list[list[dict[str, object]]]:
     built = rules.build_replace(SCENARIOS[name])["nftables"]
     return [
-        c["add"]["rule"]["expr"]
-        for c in built
-        if "rule" in c.get("add", {}) and c["add"]["rule"]["chain"] == chain
+        c["add"]["rule"]["expr"] for c in built if "rule" in c.get("add", {}) and c["add"]["rule"]["chain"] == chain
     ]
 
 
@@ -81,13 +79,9 @@ def test_ipv4_only_has_no_ipv6_tproxy_and_returns_ipv6_in_output() -> None:
 
 
 def test_interval_elements_use_prefix_address_or_range() -> None:
-    assert rules.interval_element(4, Interval(0xC0000200, 0xC00002FF)) == {
-        "prefix": {"addr": "192.0.2.0", "len": 24}
-    }
+    assert rules.interval_element(4, Interval(0xC0000200, 0xC00002FF)) == {"prefix": {"addr": "192.0.2.0", "len": 24}}
     assert rules.interval_element(4, Interval(0xC0000201, 0xC0000201)) == "192.0.2.1"
-    assert rules.interval_element(4, Interval(0xC0000201, 0xC0000203)) == {
-        "range": ["192.0.2.1", "192.0.2.3"]
-    }
+    assert rules.interval_element(4, Interval(0xC0000201, 0xC0000203)) == {"range": ["192.0.2.1", "192.0.2.3"]}
 
 
 def test_element_changes_only_for_dynamic_sets() -> None:

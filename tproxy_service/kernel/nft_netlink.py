@@ -125,20 +125,14 @@ class SetElementWriter:
             raise KernelError(f"updating nftables set elements failed: {os.strerror(first)}")
 
     def _batch(self, parts: list[tuple[int, bytes]]) -> tuple[bytes, set[int]]:
-        chunks = [
-            _message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, next(self._seq), 0, NFNL_SUBSYS_NFTABLES, b"")
-        ]
+        chunks = [_message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, next(self._seq), 0, NFNL_SUBSYS_NFTABLES, b"")]
         seqs = set()
         for msg_type, payload in parts:
             seq = next(self._seq)
             seqs.add(seq)
             flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if msg_type == NFT_MSG_NEWSETELEM else 0)
-            chunks.append(
-                _message((NFNL_SUBSYS_NFTABLES << 8) | msg_type, flags, seq, NFPROTO_INET, 0, payload)
-            )
-        chunks.append(
-            _message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, next(self._seq), 0, NFNL_SUBSYS_NFTABLES, b"")
-        )
+            chunks.append(_message((NFNL_SUBSYS_NFTABLES << 8) | msg_type, flags, seq, NFPROTO_INET, 0, payload))
+        chunks.append(_message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, next(self._seq), 0, NFNL_SUBSYS_NFTABLES, b""))
         return b"".join(chunks), seqs
 
     @staticmethod

@@ -254,9 +254,7 @@ def _ifname_change(name: str, old: frozenset[str], new: frozenset[str]) -> list[
     return [IfnameChange(name, tuple(sorted(new - old)), tuple(sorted(old - new)))]
 
 
-def _interval_change(
-    name: str, family: int, old: tuple[Interval, ...], new: tuple[Interval, ...]
-) -> list[SetChange]:
+def _interval_change(name: str, family: int, old: tuple[Interval, ...], new: tuple[Interval, ...]) -> list[SetChange]:
     old_set, new_set = set(old), set(new)
     if old_set == new_set:
         return []

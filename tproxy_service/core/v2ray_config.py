@@ -1,0 +1,106 @@
+"""PURE: the user's v2ray JSON + our settings -> the core config tproxyd runs.
+
+tproxyd adds its two tproxy inbounds (127.0.0.1 and ::1 on [tproxy] port) and puts
+`sockopt.mark = core_mark` on every outbound, keeping the user's other sockopt fields, so the
+core's own connections are never diverted again. Conflicts are refused, not papered over."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from ..errors import ConfigError
+from ..model import TproxySettings
+
+INBOUND_TAGS = {4: "tproxyd-tproxy4", 6: "tproxyd-tproxy6"}
+LISTEN = {4: "127.0.0.1", 6: "::1"}
+
+DEFAULT_USER_CONFIG: dict[str, Any] = {
+    "log": {"loglevel": "warning"},
+    "outbounds": [{"tag": "direct", "protocol": "freedom", "settings": {}}],
+}
+
+
+def _ports(spec: Any) -> list[tuple[int, int]]:
+    """v2ray inbound `port`: an int, "1234", "1000-2000" or "1,3,5-9"."""
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        return [(spec, spec)]
+    if not isinstance(spec, str):
+        return []
+    ranges = []
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if lo.isdigit() and (not hi or hi.isdigit()):
+            ranges.append((int(lo), int(hi or lo)))
+    return ranges
+
+
+def _tproxy_inbound(family: int, settings: TproxySettings, sniffing: bool) -> dict[str, Any]:
+    inbound: dict[str, Any] = {
+        "tag": INBOUND_TAGS[family],
+        "listen": LISTEN[family],
+        "port": settings.port,
+        "protocol": "dokodemo-door",
+        "settings": {"network": "tcp,udp" if settings.udp else "tcp", "followRedirect": True},
+        "streamSettings": {"sockopt": {"tproxy": "tproxy"}},
+    }
+    if sniffing:
+        inbound["sniffing"] = {"enabled": True, "destOverride": ["http", "tls"]}
+    return inbound
+
+
+def build_core_config(
+    user: dict[str, Any] | None, settings: TproxySettings, source: str, sniffing: bool = True
+) -> dict[str, Any]:
+    """Merge; raises ConfigError naming `source` when the user's config conflicts with ours."""
+    config = copy.deepcopy(user if user is not None else DEFAULT_USER_CONFIG)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source}: the core config must be a JSON object")
+    inbounds = config.get("inbounds", [])
+    outbounds = config.get("outbounds", [])
+    if not isinstance(inbounds, list) or not isinstance(outbounds, list):
+        raise ConfigError(f"{source}: inbounds and outbounds must be JSON arrays")
+    if not outbounds:
+        raise ConfigError(f"{source}: the core config has no outbounds, so nothing could leave the core")
+    for i, inbound in enumerate(inbounds):
+        if not isinstance(inbound, dict):
+            raise ConfigError(f"{source}: inbounds[{i}] must be a JSON object")
+        if inbound.get("tag") in INBOUND_TAGS.values():
+            raise ConfigError(f"{source}: inbounds[{i}] uses the tag {inbound['tag']!r}, which tproxyd reserves")
+        if any(lo <= settings.port <= hi for lo, hi in _ports(inbound.get("port"))):
+            raise ConfigError(
+                f"{source}: inbounds[{i}] binds port {settings.port}, which is tproxyd's tproxy port ([tproxy] port)"
+            )
+    for i, outbound in enumerate(outbounds):
+        if not isinstance(outbound, dict):
+            raise ConfigError(f"{source}: outbounds[{i}] must be a JSON object")
+        stream = outbound.setdefault("streamSettings", {})
+        sockopt = stream.setdefault("sockopt", {}) if isinstance(stream, dict) else None
+        if not isinstance(sockopt, dict):
+            raise ConfigError(f"{source}: outbounds[{i}].streamSettings.sockopt must be a JSON object")
+        mark = sockopt.get("mark")
+        if mark is not None and mark != settings.core_mark:
+            raise ConfigError(
+                f"{source}: outbounds[{i}] sets sockopt.mark {mark}, but tproxyd needs {settings.core_mark}"
+                " ([tproxy] core_mark) on every outbound to avoid loops"
+            )
+        sockopt["mark"] = settings.core_mark
+    families = (4, 6) if settings.ipv6 else (4,)
+    config["inbounds"] = [_tproxy_inbound(f, settings, sniffing) for f in families] + inbounds
+    return config
+
+
+def parse_user_config(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the core config must be a JSON object")
+    return data
+
+
+def render(config: dict[str, Any]) -> str:
+    """Stable text, so 'changed' means the content changed."""
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
