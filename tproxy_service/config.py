@@ -11,11 +11,11 @@ from typing import Any
 from .cidrs import load_cidr_file, parse_cidrs, union
 from .errors import ConfigError, InvalidArgument
 from .ifname import parse_mode, validate_ifname
-from .model import AddressSet, BypassSettings, Config, FailurePolicy, LinkMode, TproxySettings
+from .model import AddressSet, BypassSettings, Config, CoreSettings, FailurePolicy, LinkMode, TproxySettings
 
 DEFAULT_PATH = Path("/etc/tproxyd/config.toml")
 # Sections that later features own; accepted (and ignored) so configs written for them still load.
-RESERVED_SECTIONS = ("core", "networkmanager")
+RESERVED_SECTIONS = ("networkmanager",)
 _RESERVED_ROUTE_TABLES = (0, 253, 254, 255)  # unspec, default, main, local
 
 
@@ -93,7 +93,23 @@ _BYPASS_KEYS: dict[str, Callable[[Any], str | None]] = {
         None if isinstance(v, list) and all(isinstance(x, str) for x in v) else "must be a list of file paths"
     ),
 }
-_TOP_KEYS = {"state_dir", "runtime_dir", "tproxy", "bypass", "links", *RESERVED_SECTIONS}
+_CORE_KEYS: dict[str, Callable[[Any], str | None]] = {
+    "supervise": _is_bool,
+    "config": lambda v: None if isinstance(v, str) and v else "must be a path to the core's JSON config",
+    "binary": lambda v: None if isinstance(v, str) and v.startswith("/") else "must be an absolute path",
+    "unit": lambda v: (
+        None
+        if isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9:_.\\@-]+\.service", v)
+        else "must be a systemd service unit name (NAME.service)"
+    ),
+    "systemd_bus": lambda v: (
+        None
+        if isinstance(v, str) and (v in ("system", "user") or "=" in v)
+        else 'must be "system", "user" or a D-Bus address (unix:path=...)'
+    ),
+    "sniffing": _is_bool,
+}
+_TOP_KEYS = {"state_dir", "runtime_dir", "tproxy", "bypass", "links", "core", *RESERVED_SECTIONS}
 
 
 def _table(src: _Source, data: dict[str, Any], name: str) -> dict[str, Any]:
@@ -134,10 +150,12 @@ def parse_config(text: str, name: str = "<config>", base: Path | None = None) ->
     tproxy_t = _table(src, data, "tproxy")
     bypass_t = _table(src, data, "bypass")
     links_t = _table(src, data, "links")
+    core_t = _table(src, data, "core")
     for section in RESERVED_SECTIONS:
         _table(src, data, section)
     _check_keys(src, "tproxy", tproxy_t, _TPROXY_KEYS)
     _check_keys(src, "bypass", bypass_t, _BYPASS_KEYS)
+    _check_keys(src, "core", core_t, _CORE_KEYS)
 
     tproxy = TproxySettings(
         **{k: v for k, v in tproxy_t.items() if k != "failure_policy"},
@@ -179,6 +197,14 @@ def parse_config(text: str, name: str = "<config>", base: Path | None = None) ->
             files=files,
         ),
         links=links,
+        core=CoreSettings(
+            supervise=core_t.get("supervise", True),
+            config=_path(base, core_t["config"], src, "core.config") if "config" in core_t else None,
+            binary=Path(core_t.get("binary", "/usr/bin/v2ray")),
+            unit=core_t.get("unit", "tproxyd-core.service"),
+            systemd_bus=core_t.get("systemd_bus", "system"),
+            sniffing=core_t.get("sniffing", True),
+        ),
         user_bypass=user_bypass,
     )
 

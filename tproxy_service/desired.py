@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from collections.abc import Mapping
 
 from .cidrs import BITS, address_set, parse_cidrs, union
-from .model import AddressSet, Config, DesiredState, Facts, Interval, LinkMode, NftState, RoutingState
+from .model import (
+    AddressSet,
+    Config,
+    DesiredState,
+    Facts,
+    FailurePolicy,
+    Interval,
+    LinkMode,
+    NftState,
+    RoutingState,
+    ServiceState,
+)
 from .rules.reserved import RESERVED_V4, RESERVED_V6
 from .rules.routing import build_routing
 
@@ -62,3 +74,25 @@ def compute_desired(
         local=local_subnets(facts) if config.bypass.local_subnets else AddressSet(),
     )
     return DesiredState(nft=nft, routing=build_routing(config.tproxy), active_links=active)
+
+
+def with_core(desired: DesiredState, core_ready: bool, policy: FailurePolicy) -> DesiredState:
+    """Core not ready: "open" withdraws the diversion (traffic goes direct) by emptying the link
+    sets, keeping table and routing so its return is an element update; "closed" keeps the
+    diversion, and the proxy chain's final drop blocks what no core socket takes."""
+    if desired.nft is None or core_ready or policy is FailurePolicy.CLOSED:
+        return desired
+    withdrawn = dataclasses.replace(desired.nft, lan_links=frozenset(), host_links=frozenset())
+    return dataclasses.replace(desired, nft=withdrawn, active_links=())
+
+
+def service_state(wanted: bool, core_ready: bool, core_was_ready: bool, policy: FailurePolicy) -> ServiceState:
+    """`starting` until the core has been ready once since proxying was wanted; after that a
+    core outage is `degraded` (open: direct) or `blocked` (closed)."""
+    if not wanted:
+        return ServiceState.OFF
+    if core_ready:
+        return ServiceState.ACTIVE
+    if not core_was_ready:
+        return ServiceState.STARTING
+    return ServiceState.BLOCKED if policy is FailurePolicy.CLOSED else ServiceState.DEGRADED

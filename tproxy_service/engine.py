@@ -15,9 +15,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .desired import bypass_set, compute_desired
+from .desired import bypass_set, compute_desired, service_state, with_core
 from .errors import KernelError
-from .model import Config, DesiredState, Facts, LinkMode, NftState, RoutingState, ServiceState
+from .model import Config, CoreStatus, DesiredState, Facts, LinkMode, NftState, RoutingState, ServiceState
 from .rules.nft import SetChange, element_changes
 from .rules.routing import build_routing
 
@@ -40,11 +40,20 @@ class FactsPort(Protocol):
     async def read(self) -> Facts: ...
 
 
+class CorePort(Protocol):
+    """The core supervisor (core/supervisor.py): `want` starts/stops it, `status` says if it is ready."""
+
+    status: CoreStatus
+
+    async def want(self, run: bool) -> None: ...
+
+
 @dataclass(frozen=True)
 class EngineStatus:
     state: ServiceState = ServiceState.OFF
     active_links: tuple[str, ...] = ()
     last_error: str = ""
+    core_state: str = "inactive"  # the core unit's ActiveState ("unsupervised" without a supervisor)
 
 
 @dataclass
@@ -71,10 +80,13 @@ class Engine:
         nft: NftPort,
         routing: RoutingPort,
         facts: FactsPort,
+        core: CorePort | None = None,
     ) -> None:
         self._nft = nft
         self._routing = routing
         self._facts = facts
+        self._core = core
+        self._core_was_ready = False
         self._listeners: list[Callable[[EngineStatus], None]] = []
         self._config = config
         self._bypass = bypass_set(config)
@@ -163,7 +175,7 @@ class Engine:
                 await self._pass(reasons)
             except Exception as e:  # a bug must not kill the loop: report and keep serving
                 log.exception("reconcile pass crashed")
-                self._publish(EngineStatus(ServiceState.FAILED, (), f"internal error: {e}"))
+                self._publish(EngineStatus(ServiceState.FAILED, (), f"internal error: {e}", self.status.core_state))
             async with self._done:
                 self._completed = ticket
                 self._done.notify_all()
@@ -176,9 +188,15 @@ class Engine:
         try:
             facts = await self._facts.read()
         except Exception as e:
-            self._publish(EngineStatus(ServiceState.FAILED, (), f"reading network state failed: {e}"))
+            self._publish(
+                EngineStatus(ServiceState.FAILED, (), f"reading network state failed: {e}", self.status.core_state)
+            )
             return
         desired = compute_desired(self._config, self._links, self._enabled, facts, self._bypass)
+        wanted = desired.nft is not None
+        core = await self._drive_core(wanted)
+        policy = self._config.tproxy.failure_policy
+        desired = with_core(desired, core.ready, policy)
         previous = self._applied
         try:
             if verify and previous.nft is not None and not await self._nft.exists():
@@ -187,11 +205,21 @@ class Engine:
         except KernelError as e:
             log.error("apply failed, rolling back: %s", e)
             await self._rollback(previous, desired)
-            self._publish(EngineStatus(ServiceState.FAILED, self.status.active_links, str(e)))
+            self._publish(EngineStatus(ServiceState.FAILED, self.status.active_links, str(e), core.active_state))
             return
         self._applied = _Applied(desired.nft, desired.routing, known=True)
-        state = ServiceState.ACTIVE if desired.nft is not None else ServiceState.OFF
-        self._publish(EngineStatus(state, desired.active_links, ""))
+        state = service_state(wanted, core.ready, self._core_was_ready, policy)
+        error = core.detail if state in (ServiceState.DEGRADED, ServiceState.BLOCKED) else ""
+        self._publish(EngineStatus(state, desired.active_links, error, core.active_state))
+
+    async def _drive_core(self, wanted: bool) -> CoreStatus:
+        """Start/stop the core with the want; without a supervisor the core counts as ready."""
+        if self._core is None:
+            return CoreStatus(active_state="unsupervised", ready=True)
+        await self._core.want(wanted)
+        status = self._core.status
+        self._core_was_ready = wanted and (self._core_was_ready or status.ready)
+        return status
 
     async def _apply(self, prev: _Applied, desired: DesiredState, nft_drift: bool, routing_drift: bool) -> None:
         if desired.nft is None:

@@ -77,11 +77,19 @@ class BypassSettings:
 class CoreSettings:
     """[core]: the proxy core tproxyd supervises through systemd."""
 
+    supervise: bool = True  # false: an external core; tproxyd only watches that it listens
     config: Path | None = None  # the user's v2ray JSON; None = built-in direct (freedom) outbound
     binary: Path = Path("/usr/bin/v2ray")  # xray takes the same flags
     unit: str = "tproxyd-core.service"
     systemd_bus: str = "system"  # "system", "user" or a D-Bus address
     sniffing: bool = True
+
+
+@dataclass(frozen=True)
+class CoreStatus:
+    active_state: str = "inactive"  # the core unit's ActiveState; "unreachable" when systemd is not
+    ready: bool = False  # listening with IP_TRANSPARENT on the tproxy port, every family
+    detail: str = ""  # why it is not ready (becomes LastError while degraded/blocked)
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,15 @@ from tproxy_service.errors import KernelError
 from tproxy_service.model import (
     AddressFact,
     Config,
+    CoreStatus,
     Facts,
+    FailurePolicy,
     LinkFact,
     LinkMode,
     NftState,
     RoutingState,
     ServiceState,
+    TproxySettings,
 )
 from tproxy_service.rules.nft import IfnameChange, IntervalChange, SetChange
 
@@ -297,3 +300,56 @@ def test_modes_fill_the_right_sets(mode: LinkMode) -> None:
 def test_interval_and_ifname_changes_are_typed() -> None:
     assert IfnameChange("lan_links", ("a",), ()).set_name == "lan_links"
     assert IntervalChange("local4", 4, (), ()).family == 4
+
+
+class FakeCore:
+    def __init__(self) -> None:
+        self.status = CoreStatus(active_state="inactive", ready=False)
+        self.wants: list[bool] = []
+
+    async def want(self, run: bool) -> None:
+        self.wants.append(run)
+
+
+def make_with_core(policy: FailurePolicy) -> tuple[Engine, FakeNft, FakeCore]:
+    nft, routing, facts, core = FakeNft(), FakeRouting(), FakeFacts(), FakeCore()
+    config = Config(links={"eth0": LinkMode.BOTH}, tproxy=TproxySettings(failure_policy=policy))
+    return Engine(config, nft, routing, facts, core), nft, core
+
+
+def test_core_lifecycle_open_policy() -> None:
+    async def body() -> None:
+        engine, nft, core = make_with_core(FailurePolicy.OPEN)
+        engine.start()
+        status = await engine.reconcile("startup")
+        assert core.wants[-1] is True
+        assert status.state is ServiceState.STARTING and status.core_state == "inactive"
+        assert nft.table is not None and not nft.table.lan_links, "no diversion before the core listens"
+        core.status = CoreStatus(active_state="active", ready=True)
+        status = await engine.reconcile("core ready")
+        assert status.state is ServiceState.ACTIVE and status.active_links == ("eth0",)
+        assert nft.calls == ["replace", "elements:host_links,lan_links"], "core up/down is an element update"
+        core.status = CoreStatus(active_state="failed", ready=False, detail="nothing listens on tcp/IPv4 port 12345")
+        status = await engine.reconcile("core failed")
+        assert status.state is ServiceState.DEGRADED and "nothing listens" in status.last_error
+        assert status.active_links == () and nft.calls[-1] == "elements:host_links,lan_links"
+        await engine.wait_for(engine.set_enabled(False))
+        assert core.wants[-1] is False and engine.status.state is ServiceState.OFF
+        await engine.stop()
+
+    run(body)
+
+
+def test_core_outage_closed_policy_keeps_diversion() -> None:
+    async def body() -> None:
+        engine, nft, core = make_with_core(FailurePolicy.CLOSED)
+        engine.start()
+        core.status = CoreStatus(active_state="active", ready=True)
+        assert (await engine.reconcile("startup")).state is ServiceState.ACTIVE
+        core.status = CoreStatus(active_state="activating", ready=False, detail="restarting")
+        status = await engine.reconcile("core died")
+        assert status.state is ServiceState.BLOCKED and status.active_links == ("eth0",)
+        assert nft.calls == ["replace"], "closed: the diversion (and its final drop) stays in place"
+        await engine.stop()
+
+    run(body)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..cidrs import BITS, prefix_len, to_address
-from ..model import Interval, NftState, TproxySettings
+from ..model import FailurePolicy, Interval, NftState, TproxySettings
 
 FAMILY = "inet"
 TABLE = "tproxyd"
@@ -170,6 +170,7 @@ def _prerouting_rules(s: TproxySettings) -> list[Json]:
 
 def _proxy_rules(s: TproxySettings) -> list[Json]:
     rules = [_rule(CHAIN_PROXY, _jump(CHAIN_BYPASS))]
+    closed = s.failure_policy is FailurePolicy.CLOSED
     families = [("ipv4", "ip", "127.0.0.1")] + ([("ipv6", "ip6", "::1")] if s.ipv6 else [])
     for nfproto, family, addr in families:
         rules.append(
@@ -182,6 +183,8 @@ def _proxy_rules(s: TproxySettings) -> list[Json]:
                 _ACCEPT,
             )
         )
+    if closed:  # failure_policy closed: what no core socket took is dropped, never forwarded direct
+        rules.append(_rule(CHAIN_PROXY, {"counter": None}, {"drop": None}))
     return rules
 
 

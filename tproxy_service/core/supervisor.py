@@ -1,0 +1,197 @@
+"""Supervises the proxy core: keeps its generated config current, starts and stops its systemd
+unit as the engine wants, and decides when the core is *ready* (transparent sockets on the
+tproxy port for every family, from the kernel's socket table). Every change of the core's
+state is reported through `on_change(reason)`, which the daemon turns into an engine request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import ConfigError
+from ..kernel.sockets import core_listening
+from ..model import Config, CoreStatus
+from .systemd import SystemdError, UnitStatus
+from .v2ray_config import build_core_config, parse_user_config, render
+
+log = logging.getLogger(__name__)
+CORE_CONFIG = "core.json"
+CORE_ENV = "core.env"
+READY_POLL = 0.02  # s between socket checks while the unit is active but not yet listening
+WATCH_POLL = 0.5  # s between socket checks of an unsupervised (external) core
+TEST_TIMEOUT = 20.0
+
+
+class UnitPort(Protocol):
+    status: UnitStatus
+
+    async def connect(self) -> None: ...
+    async def start(self) -> str: ...
+    async def stop(self) -> str: ...
+    async def restart(self) -> str: ...
+
+
+async def render_checked(config: Config) -> str:
+    """The core config text for `config`, validated by `<binary> -test`; raises ConfigError."""
+    core = config.core
+    source = str(core.config) if core.config else "the built-in core config"
+    user = None
+    if core.config is not None:
+        try:
+            user = parse_user_config(core.config.read_text(encoding="utf-8"), source)
+        except OSError as e:
+            raise ConfigError(f"cannot read core config {core.config}: {e.strerror}") from None
+    text = render(build_core_config(user, config.tproxy, source, core.sniffing))
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="tproxyd-core-test-") as f:
+        f.write(text)
+        f.flush()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                str(core.binary),
+                "-test",
+                "-config",
+                f.name,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        except OSError as e:
+            raise ConfigError(f"cannot run the core binary {core.binary}: {e.strerror}") from None
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), TEST_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            raise ConfigError(f"{core.binary} -test did not finish within {TEST_TIMEOUT:.0f} s") from None
+    if proc.returncode != 0:
+        lines = [line for line in out.decode(errors="replace").splitlines() if line.strip()]
+        why = next((line for line in lines if "panic" in line or "failed" in line.lower()), lines[-1] if lines else "")
+        raise ConfigError(f"the core rejects {source}: {why.strip()[:300]}")
+    return text
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class CoreSupervisor:
+    def __init__(self, config: Config, unit: UnitPort | None, on_change: Callable[[str], None]) -> None:
+        """`unit=None`: an external core nobody supervises here; only its readiness is watched."""
+        self._config = config
+        self._unit = unit
+        self._on_change = on_change
+        self._wanted = False
+        self._lock = asyncio.Lock()
+        self._poller: asyncio.Task[None] | None = None
+        self._text = ""  # the core config last written
+        self.status = CoreStatus(active_state="unsupervised" if unit is None else "inactive")
+
+    # --- config ---------------------------------------------------------------------------------
+
+    async def prepare(self, config: Config) -> bool:
+        """Validate and write the core config for `config`; True when its content changed.
+        Raises ConfigError (nothing written) for a config the core would refuse."""
+        text = await render_checked(config)
+        self._config = config
+        changed = text != self._text
+        if changed:
+            runtime = config.runtime_dir
+            await asyncio.to_thread(_write_atomic, runtime / CORE_CONFIG, text)
+            await asyncio.to_thread(_write_atomic, runtime / CORE_ENV, f"TPROXYD_CORE_BINARY={config.core.binary}\n")
+            self._text = text
+        return changed
+
+    async def reload(self, config: Config) -> bool:
+        """New config: rewrite the core config and restart the core only if it changed."""
+        changed = await self.prepare(config)
+        if changed and self._wanted and self._unit is not None:
+            async with self._lock:
+                log.info("core config changed: restarting %s", self._config.core.unit)
+                await self._job(self._unit.restart)
+        return changed
+
+    # --- running --------------------------------------------------------------------------------
+
+    async def want(self, run: bool) -> None:
+        """Start or stop the core; returns once systemd has finished the job (~50 ms)."""
+        self._ensure_poller()
+        if run == self._wanted and (self._unit is None or self._unit_matches(run)):
+            return
+        self._wanted = run
+        if self._unit is None:
+            return
+        async with self._lock:
+            await self._job(self._unit.start if run else self._unit.stop)
+
+    def _unit_matches(self, run: bool) -> bool:
+        assert self._unit is not None
+        state = self._unit.status.active_state
+        return state in ("active", "activating", "reloading") if run else state in ("inactive", "failed", "unknown")
+
+    async def _job(self, job: Callable[[], object]) -> None:
+        assert self._unit is not None
+        try:
+            await self._unit.connect()
+            result = await job()  # type: ignore[misc]
+            if result not in ("done", "skipped"):
+                self._set(detail=f"systemd job for {self._config.core.unit} ended with '{result}'")
+        except SystemdError as e:
+            self._set(active_state="unreachable", ready=False, detail=str(e))
+
+    def on_unit_change(self, unit: UnitStatus) -> None:
+        """Called by the systemd client for every property change of the unit."""
+        ready = self.status.ready and unit.active_state == "active"
+        self._set(active_state=unit.active_state, ready=ready)
+        self._ensure_poller()
+
+    def _ensure_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll_readiness(), name="core-readiness")
+
+    async def _poll_readiness(self) -> None:
+        """Watch the socket table: fast while the unit is active and not ready yet, slowly for
+        an external core, not at all while a supervised unit is down."""
+        settings = self._config.tproxy
+        while True:
+            active = self._unit is None or self.status.active_state == "active"
+            if not self._wanted or not active:
+                if self.status.ready:
+                    self._set(ready=False)
+                if self._unit is not None:
+                    return
+                await asyncio.sleep(WATCH_POLL)
+                continue
+            ready, why = await asyncio.to_thread(core_listening, settings.port, settings.ipv6, settings.udp)
+            if ready != self.status.ready or (not ready and why != self.status.detail):
+                self._set(ready=ready, detail="" if ready else why)
+            await asyncio.sleep(WATCH_POLL if ready or self._unit is None else READY_POLL)
+
+    def _set(self, **changes: object) -> None:
+        new = replace(self.status, **changes)  # type: ignore[arg-type]
+        if new != self.status:
+            self.status = new
+            self._on_change(f"core {new.active_state}{', ready' if new.ready else ''}")
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
