@@ -79,3 +79,4 @@ class NftablesAdapter:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        self._elements.close()

@@ -143,9 +143,12 @@ def _bypass_rules(s: TproxySettings) -> list[Json]:
 
 def _prerouting_rules(s: TproxySettings) -> list[Json]:
     return [
-        # Established proxied flows: deliver to the core's transparent socket, no re-lookup.
+        # Established proxied flows from lan links: straight to the core's transparent socket.
+        # Only on lan links: a socket lookup for every packet of every other link (say, the
+        # upstream's replies) would tax traffic that is never diverted.
         _rule(
             CHAIN_PREROUTING,
+            _match(_meta("iifname"), _set_ref(SET_LAN_LINKS)),
             *_l4protos(s),
             _match({"socket": {"key": "transparent"}}, 1),
             _mark_set(s.mark),
