@@ -4,7 +4,7 @@ VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 DEBIAN_PACKAGES := nftables libnftables1 python3-nftables python3-jsonschema python3-venv python3-systemd \
 	v2ray iproute2 iputils-ping iperf3 socat curl conntrack tcpdump procps \
-	dbus-daemon dbus-bin polkitd pkexec \
+	dbus-daemon dbus-bin polkitd pkexec systemd \
 	libdbus-1-dev libglib2.0-dev libsystemd-dev pkg-config gcc python3-dev
 
 .PHONY: deps check lint typecheck unit e2e test bench demo clean

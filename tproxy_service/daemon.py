@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
 from pathlib import Path
 
 from . import __version__
+from .bus import service as bus_service
 from .config import DEFAULT_PATH, load_config
-from .engine import Engine
+from .control import Control
+from .engine import Engine, EngineStatus
 from .errors import ConfigError
 from .kernel.facts import FactsReader
 from .kernel.nft import NftablesAdapter
@@ -23,6 +26,7 @@ from .model import Config
 from .monitors.netlink import NetlinkMonitor
 from .monitors.nft_events import NftDriftWatch
 from .rules.nft import TABLE
+from .state_store import StateStore
 
 log = logging.getLogger("tproxyd")
 
@@ -38,12 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "SIGHUP re-reads the config."
         ),
     )
-    parser.add_argument(
-        "--config", type=Path, default=DEFAULT_PATH, help=f"config file (TOML; default {DEFAULT_PATH})"
-    )
-    parser.add_argument(
-        "--check", action="store_true", help="validate the config (and CIDR files), then exit"
-    )
+    parser.add_argument("--config", type=Path, default=DEFAULT_PATH, help=f"config file (TOML; default {DEFAULT_PATH})")
+    parser.add_argument("--check", action="store_true", help="validate the config (and CIDR files), then exit")
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info"
     )
@@ -67,6 +67,14 @@ class Daemon:
             on_routing_drift=lambda reason: self._request(reason, routing_drift=True),
         )
         self._stop = asyncio.Event()
+        # D-Bus choices (persisted) over the config's [links] defaults; the bus is optional.
+        self.control = Control(self.engine, StateStore(config.state_dir), self.reload)
+        self.bus: bus_service.BusService | None = None
+        self.engine.add_listener(self._notify_status)
+
+    @staticmethod
+    def _notify_status(status: EngineStatus) -> None:
+        sd_notify(f"STATUS=state {status.state}, active on {', '.join(status.active_links) or 'none'}")
 
     def _request(self, reason: str, routing_drift: bool = False) -> None:
         self.engine.request(reason, routing_drift=routing_drift)
@@ -82,7 +90,9 @@ class Daemon:
         assert path is not None
         config = await asyncio.to_thread(load_config, path)
         log.info("config reloaded from %s", path)
-        return self.engine.set_config(config)
+        ticket = self.control.use_config(config)
+        gc.freeze()  # see run()
+        return ticket
 
     async def _reload_on_sighup(self) -> None:
         try:
@@ -95,17 +105,27 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload_on_sighup()))
+        self.control.restore()
+        # Own the name before touching the kernel: a second tproxyd stops here (AlreadyRunning).
+        self.bus = await bus_service.start(self.control)
         # Subscribe before the first read so no change between the two is missed.
         await self.monitor.start()
         self.nft_watch.start()
         self.engine.start()
         status = await self.engine.reconcile("startup")
         links = ", ".join(status.active_links) or "none"
+        if self.bus:
+            self.bus.ready()
+        # The config (up to 100k+ bypass intervals) lives as long as we do: keep the cyclic GC from
+        # rescanning it, which otherwise costs a D-Bus toggle tens of ms now and then.
+        gc.freeze()
         log.info("tproxyd ready: state=%s active=%s", status.state, links)
         sd_notify(f"READY=1\nSTATUS=state {status.state}, active on {links}")
         await self._stop.wait()
         log.info("stopping: removing table inet %s, policy rules and routes", TABLE)
         sd_notify("STOPPING=1")
+        if self.bus:
+            self.bus.close()
         await self.monitor.stop()
         self.nft_watch.pause()
         await self.engine.stop(remove=True)
@@ -127,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         asyncio.run(Daemon(config).run())
+    except bus_service.AlreadyRunning as e:
+        print(f"tproxyd: {e}", file=sys.stderr)
+        return 1
     except PermissionError as e:
         print(f"tproxyd: permission denied ({e}); run as root or with CAP_NET_ADMIN", file=sys.stderr)
         return 1

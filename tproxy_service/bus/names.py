@@ -30,6 +30,7 @@ DBUS_IFACE: Final = "org.freedesktop.DBus"
 PROPERTIES_IFACE: Final = "org.freedesktop.DBus.Properties"
 INTROSPECTABLE_IFACE: Final = "org.freedesktop.DBus.Introspectable"
 PEER_IFACE: Final = "org.freedesktop.DBus.Peer"
+OBJECT_MANAGER_IFACE: Final = "org.freedesktop.DBus.ObjectManager"  # not served
 POLKIT_NAME: Final = "org.freedesktop.PolicyKit1"
 POLKIT_PATH: Final = "/org/freedesktop/PolicyKit1/Authority"
 POLKIT_IFACE: Final = "org.freedesktop.PolicyKit1.Authority"

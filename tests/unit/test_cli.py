@@ -1,0 +1,45 @@
+"""tproxyctl's pure parts: how status and changes read, and argument handling."""
+
+from __future__ import annotations
+
+import pytest
+
+from tproxy_service import cli
+
+PROPS = {
+    "Enabled": True,
+    "Links": {"wlan0": "host", "br-lan": "lan", "usb0": ""},
+    "ActiveLinks": ["wlan0"],
+    "State": "active",
+    "CoreState": "active",
+    "FailurePolicy": "open",
+    "LastError": "",
+    "Version": "0.1.0",
+}
+
+
+def test_status_table() -> None:
+    assert cli.format_status(PROPS).splitlines()[-4:] == [
+        "LINK    MODE  ACTIVE",
+        "br-lan  lan   no",
+        "usb0    auto  no",
+        "wlan0   host  yes",
+    ]
+    assert "No links configured" in cli.format_status({**PROPS, "Links": {}})
+
+
+def test_change_lines() -> None:
+    lines = cli.format_change({"Links": {"usb0": ""}, "Enabled": False, "LastError": ""}).splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == ["Enabled: no", 'LastError: ""', "Links: usb0=auto"]
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["enable"])
+    assert e.value.code == cli.EXIT_USAGE
+
+
+def test_exit_codes_are_distinct() -> None:
+    codes = [cli.EXIT_OK, cli.EXIT_FAILED, cli.EXIT_USAGE, cli.EXIT_INVALID, cli.EXIT_DENIED, cli.EXIT_CONFIG,
+             cli.EXIT_UNREACHABLE]  # fmt: skip
+    assert len(set(codes)) == len(codes)

@@ -1,0 +1,125 @@
+"""Control: choices applied through the (real) engine on fake adapters, saved only on success,
+rolled back on failure, idempotent, and [links] defaults under the choices."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from tproxy_service.control import Control, parse_mode_argument
+from tproxy_service.engine import Engine
+from tproxy_service.errors import InvalidArgument, KernelError, TproxydError
+from tproxy_service.model import Config, LinkMode
+from tproxy_service.state_store import Choices, StateStore
+
+from .test_engine import FakeFacts, FakeNft, FakeRouting, run
+
+
+def make(tmp_path: Path, links: dict[str, LinkMode] | None = None) -> tuple[Control, Engine, FakeRouting, StateStore]:
+    nft, routing = FakeNft(), FakeRouting()
+    engine = Engine(Config(links=links or {"eth0": LinkMode.LAN}), nft, routing, FakeFacts())
+    store = StateStore(tmp_path)
+
+    async def reload() -> int:
+        return engine.request("reload")
+
+    return Control(engine, store, reload), engine, routing, store
+
+
+def test_mode_argument() -> None:
+    assert [parse_mode_argument(m) for m in ("", "host", "lan", "both")] == ["auto", "host", "lan", "both"]
+    for bad in ("auto", "Host", "disabled", "x" * 1000):
+        with pytest.raises(InvalidArgument, match="no such mode"):
+            parse_mode_argument(bad)
+
+
+def test_enable_disable_saved_and_applied(tmp_path: Path) -> None:
+    control, engine, _routing, store = make(tmp_path)
+
+    async def scenario() -> None:
+        control.restore()
+        engine.start()
+        await control.enable_link("wlan0", "auto")
+        assert engine.links == {"eth0": LinkMode.LAN, "wlan0": LinkMode.HOST}  # auto is host for now
+        await control.disable_link("eth0")
+        await control.set_enabled(False)
+        assert control.links == {"wlan0": "auto"} and not control.enabled and not engine.enabled
+        await engine.stop(remove=False)
+
+    run(scenario)
+    assert store.load() == Choices(False, {"eth0": "disabled", "wlan0": "auto"})
+
+
+def test_failed_apply_restores_choices_and_saves_nothing(tmp_path: Path) -> None:
+    control, engine, routing, store = make(tmp_path)
+    notified: list[None] = []
+    control.add_listener(lambda: notified.append(None))
+
+    async def scenario() -> None:
+        control.restore()
+        engine.start()
+        await control.set_enabled(False)
+        saved = store.path.read_text()
+        routing.fail_ensure = True
+        with pytest.raises(KernelError, match="rolled back"):
+            await control.set_enabled(True)
+        assert not control.enabled and not engine.enabled
+        assert store.path.read_text() == saved
+        await engine.stop(remove=False)
+
+    run(scenario)
+    assert notified
+
+
+def test_unsavable_choice_is_rolled_back(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    control, engine, _routing, _store = make(tmp_path)
+    control._store = StateStore(blocker)  # mkdir fails: a file is in the way
+
+    async def scenario() -> None:
+        control.restore()
+        engine.start()
+        with pytest.raises(TproxydError, match="could not save"):
+            await control.enable_link("wlan0", "host")
+        assert control.links == {"eth0": "lan"} and "wlan0" not in engine.links
+        await engine.stop(remove=False)
+
+    run(scenario)
+
+
+def test_repeated_choice_writes_nothing(tmp_path: Path) -> None:
+    control, engine, _routing, store = make(tmp_path)
+
+    async def scenario() -> None:
+        control.restore()
+        engine.start()
+        await control.enable_link("wlan0", "lan")
+        first = store.path.stat().st_mtime_ns, store.path.stat().st_ino
+        passes = engine.passes
+        await control.enable_link("wlan0", "lan")
+        await control.disable_link("never-enabled")
+        assert (store.path.stat().st_mtime_ns, store.path.stat().st_ino) == first
+        assert engine.passes == passes
+        await engine.stop(remove=False)
+
+    run(scenario)
+
+
+def test_new_config_defaults_stay_under_choices(tmp_path: Path) -> None:
+    control, engine, _routing, _store = make(tmp_path)
+
+    async def scenario() -> None:
+        control.restore()
+        engine.start()
+        await control.enable_link("eth0", "both")
+        ticket = control.use_config(
+            dataclasses.replace(engine.config, links={"eth0": LinkMode.HOST, "eth1": LinkMode.LAN})
+        )
+        await engine.wait_for(ticket)
+        assert control.links == {"eth0": "both", "eth1": "lan"}
+        await engine.stop(remove=False)
+
+    run(scenario)

@@ -1,0 +1,138 @@
+"""The choices made over D-Bus (EnableLink, DisableLink, SetEnabled), persisted as JSON under
+`state_dir` and restored at start.
+
+`[links]` in the config are defaults; a persisted choice for a link overrides its default, and a
+persisted "disabled" switches a config-default link off. Writes are atomic (temp file, fsync,
+rename, fsync of the directory), so a crash leaves the old file or the new one, never half of
+one. A file we cannot parse is moved aside (never silently dropped) and the defaults apply."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgument
+from .ifname import validate_ifname
+from .model import LinkMode
+
+log = logging.getLogger(__name__)
+
+FILENAME = "state.json"
+VERSION = 1
+AUTO = "auto"  # persisted spelling of EnableLink's "" mode
+DISABLED = "disabled"  # overrides a [links] default
+CHOICE_VALUES = frozenset({*(m.value for m in LinkMode), AUTO, DISABLED})
+
+
+@dataclass(frozen=True)
+class Choices:
+    """`enabled` None means "never chosen" (on); `links` maps ifname -> one of CHOICE_VALUES."""
+
+    enabled: bool | None = None
+    links: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": VERSION, "enabled": self.enabled, "links": dict(sorted(self.links.items()))}
+
+    @staticmethod
+    def from_json(data: Any) -> Choices:
+        """Strict: anything unexpected raises ValueError (the file is then treated as corrupt)."""
+        if not isinstance(data, dict) or data.get("version") != VERSION:
+            raise ValueError(f"not a version {VERSION} tproxyd state object")
+        unknown = set(data) - {"version", "enabled", "links"}
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)}")
+        enabled = data.get("enabled")
+        if enabled is not None and not isinstance(enabled, bool):
+            raise ValueError("'enabled' must be true, false or null")
+        links = data.get("links", {})
+        if not isinstance(links, dict):
+            raise ValueError("'links' must be an object")
+        for name, value in links.items():
+            try:
+                validate_ifname(name)
+            except InvalidArgument as e:
+                raise ValueError(str(e)) from None
+            if value not in CHOICE_VALUES:
+                raise ValueError(f"link {name!r} has unknown choice {value!r}")
+        return Choices(enabled, dict(links))
+
+
+def configured_links(defaults: Mapping[str, LinkMode], choices: Choices) -> dict[str, str]:
+    """The links in effect: ifname -> "host" | "lan" | "both" | "auto"."""
+    merged: dict[str, str] = {name: mode.value for name, mode in defaults.items()}
+    for name, choice in choices.links.items():
+        if choice == DISABLED:
+            merged.pop(name, None)
+        else:
+            merged[name] = choice
+    return dict(sorted(merged.items()))
+
+
+class StateStore:
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / FILENAME
+
+    def load(self) -> Choices:
+        """The persisted choices; none when the file is missing, unreadable or corrupt."""
+        for stale in self.path.parent.glob(f".{self.path.name}.*"):  # temp files of a crashed save
+            stale.unlink(missing_ok=True)
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return Choices()
+        except OSError as e:
+            log.error("cannot read the saved choices %s (%s); using the config's defaults", self.path, e)
+            return Choices()
+        except UnicodeDecodeError:
+            return self._set_aside("it is not UTF-8 text")
+        try:
+            return Choices.from_json(json.loads(text))
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            return self._set_aside(str(e))
+
+    def _set_aside(self, problem: str) -> Choices:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        try:
+            os.replace(self.path, aside)
+        except OSError as e:
+            log.error("saved choices %s are corrupt (%s) and could not be moved aside: %s", self.path, problem, e)
+        else:
+            log.error(
+                "saved choices %s are corrupt (%s); moved to %s, using the config's defaults",
+                self.path,
+                problem,
+                aside,
+            )
+        return Choices()
+
+    def save(self, choices: Choices) -> None:
+        """Atomically replace the file; raises OSError (the old file is then intact)."""
+        directory = self.path.parent
+        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+        data = (json.dumps(choices.to_json(), indent=2) + "\n").encode()
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fchmod(f.fileno(), 0o644)
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        # Make the rename itself durable.
+        dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
