@@ -22,6 +22,8 @@ from .rules.nft import SetChange, element_changes
 from .rules.routing import build_routing
 
 log = logging.getLogger(__name__)
+MIN_RETRY_DELAY = 0.2  # s before retrying after a failed pass; doubles up to MAX_RETRY_DELAY
+MAX_RETRY_DELAY = 5.0
 
 
 class NftPort(Protocol):
@@ -103,6 +105,7 @@ class Engine:
         self._done = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self.status = EngineStatus()
+        self._retry_delay = MIN_RETRY_DELAY
         self.passes = 0  # reconcile passes run (for tests of coalescing)
 
     # --- inputs ---------------------------------------------------------------------------------
@@ -179,6 +182,16 @@ class Engine:
             async with self._done:
                 self._completed = ticket
                 self._done.notify_all()
+            await self._back_off()
+
+    async def _back_off(self) -> None:
+        """After a failed pass, wait before the next one: a failing apply causes netlink events
+        (our own rollback) that would otherwise re-trigger it hundreds of times a second."""
+        if self.status.state is ServiceState.FAILED:
+            await asyncio.sleep(self._retry_delay)
+            self._retry_delay = min(self._retry_delay * 2, MAX_RETRY_DELAY)
+        else:
+            self._retry_delay = MIN_RETRY_DELAY
 
     async def _pass(self, reasons: list[str]) -> None:
         self.passes += 1

@@ -37,3 +37,5 @@ def sd_notify(state: str) -> None:
         daemon.notify(state)
     except ImportError:
         logging.getLogger(__name__).debug("python-systemd missing; not notifying %s", state)
+    except OSError as e:  # a stale NOTIFY_SOCKET must never break a reconcile pass
+        logging.getLogger(__name__).debug("sd_notify failed: %s", e)

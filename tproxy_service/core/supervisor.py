@@ -137,6 +137,8 @@ class CoreSupervisor:
             return
         self._wanted = run
         if self._unit is None:
+            if run:  # an external core may already listen: know it now, not one poll later
+                await self._check_ready()
             return
         async with self._lock:
             await self._job(self._unit.start if run else self._unit.stop)
@@ -169,7 +171,6 @@ class CoreSupervisor:
     async def _poll_readiness(self) -> None:
         """Watch the socket table: fast while the unit is active and not ready yet, slowly for
         an external core, not at all while a supervised unit is down."""
-        settings = self._config.tproxy
         while True:
             active = self._unit is None or self.status.active_state == "active"
             if not self._wanted or not active:
@@ -179,10 +180,15 @@ class CoreSupervisor:
                     return
                 await asyncio.sleep(WATCH_POLL)
                 continue
-            ready, why = await asyncio.to_thread(core_listening, settings.port, settings.ipv6, settings.udp)
-            if ready != self.status.ready or (not ready and why != self.status.detail):
-                self._set(ready=ready, detail="" if ready else why)
+            ready = await self._check_ready()
             await asyncio.sleep(WATCH_POLL if ready or self._unit is None else READY_POLL)
+
+    async def _check_ready(self) -> bool:
+        settings = self._config.tproxy
+        ready, why = await asyncio.to_thread(core_listening, settings.port, settings.ipv6, settings.udp)
+        if ready != self.status.ready or (not ready and why != self.status.detail):
+            self._set(ready=ready, detail="" if ready else why)
+        return ready
 
     def _set(self, **changes: object) -> None:
         new = replace(self.status, **changes)  # type: ignore[arg-type]
