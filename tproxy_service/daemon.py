@@ -16,6 +16,8 @@ from . import __version__
 from .bus import service as bus_service
 from .config import DEFAULT_PATH, load_config
 from .control import Control
+from .core.supervisor import CoreSupervisor
+from .core.systemd import SystemdUnit, UnitStatus
 from .engine import Engine, EngineStatus
 from .errors import ConfigError
 from .kernel.facts import FactsReader
@@ -56,7 +58,12 @@ class Daemon:
         self.nft = NftablesAdapter()
         self.routing = RoutingAdapter()
         self.facts = FactsReader()
-        self.engine = Engine(config, self.nft, self.routing, self.facts)
+        # [core] supervise = false: an external core the admin runs; tproxyd diverts unconditionally.
+        self.core: CoreSupervisor | None = None
+        if config.core.supervise:
+            unit = SystemdUnit(config.core.systemd_bus, config.core.unit, self._on_unit_change)
+            self.core = CoreSupervisor(config, unit, lambda reason: self._request(reason))
+        self.engine = Engine(config, self.nft, self.routing, self.facts, self.core)
         self.nft_watch = NftDriftWatch(TABLE, self._nft_drift)
         self.nft.watch = self.nft_watch
         self.nft.on_missing = self._nft_drift
@@ -71,6 +78,10 @@ class Daemon:
         self.control = Control(self.engine, StateStore(config.state_dir), self.reload)
         self.bus: bus_service.BusService | None = None
         self.engine.add_listener(self._notify_status)
+
+    def _on_unit_change(self, status: UnitStatus) -> None:
+        if self.core is not None:
+            self.core.on_unit_change(status)
 
     @staticmethod
     def _notify_status(status: EngineStatus) -> None:
@@ -89,6 +100,8 @@ class Daemon:
         path = self.engine.config.path
         assert path is not None
         config = await asyncio.to_thread(load_config, path)
+        if self.core is not None:
+            await self.core.reload(config)  # ConfigError here: the running core is untouched
         log.info("config reloaded from %s", path)
         ticket = self.control.use_config(config)
         gc.freeze()  # see run()
@@ -105,6 +118,9 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload_on_sighup()))
+        # A core config the core would refuse stops us here, before anything is touched.
+        if self.core is not None:
+            await self.core.prepare(self.engine.config)
         self.control.restore()
         # Own the name before touching the kernel: a second tproxyd stops here (AlreadyRunning).
         self.bus = await bus_service.start(self.control)
@@ -129,6 +145,10 @@ class Daemon:
         await self.monitor.stop()
         self.nft_watch.pause()
         await self.engine.stop(remove=True)
+        if self.core is not None:
+            await self.core.want(False)  # nothing is diverted any more: the core is not needed
+            await self.core.close()
+            self.core.unit.close()
         self.nft.close()
         self.routing.close()
         self.facts.close()
@@ -147,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         asyncio.run(Daemon(config).run())
+    except ConfigError as e:
+        print(f"tproxyd: config error: {e}", file=sys.stderr)
+        return 2
     except bus_service.AlreadyRunning as e:
         print(f"tproxyd: {e}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ from .cidrs import BITS, address_set, parse_cidrs, union
 from .model import (
     AddressSet,
     Config,
+    CoreStatus,
     DesiredState,
     Facts,
     FailurePolicy,
@@ -86,13 +87,14 @@ def with_core(desired: DesiredState, core_ready: bool, policy: FailurePolicy) ->
     return dataclasses.replace(desired, nft=withdrawn, active_links=())
 
 
-def service_state(wanted: bool, core_ready: bool, core_was_ready: bool, policy: FailurePolicy) -> ServiceState:
+def service_state(wanted: bool, core: CoreStatus, core_was_ready: bool, policy: FailurePolicy) -> ServiceState:
     """`starting` until the core has been ready once since proxying was wanted; after that a
-    core outage is `degraded` (open: direct) or `blocked` (closed)."""
+    core outage is `degraded` (open: direct) or `blocked` (closed). An unreachable systemd
+    manager is an outage from the start: the failure policy applies."""
     if not wanted:
         return ServiceState.OFF
-    if core_ready:
+    if core.ready:
         return ServiceState.ACTIVE
-    if not core_was_ready:
+    if not core_was_ready and core.active_state != "unreachable":
         return ServiceState.STARTING
     return ServiceState.BLOCKED if policy is FailurePolicy.CLOSED else ServiceState.DEGRADED

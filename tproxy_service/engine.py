@@ -221,7 +221,7 @@ class Engine:
             self._publish(EngineStatus(ServiceState.FAILED, self.status.active_links, str(e), core.active_state))
             return
         self._applied = _Applied(desired.nft, desired.routing, known=True)
-        state = service_state(wanted, core.ready, self._core_was_ready, policy)
+        state = service_state(wanted, core, self._core_was_ready, policy)
         error = core.detail if state in (ServiceState.DEGRADED, ServiceState.BLOCKED) else ""
         self._publish(EngineStatus(state, desired.active_links, error, core.active_state))
 

@@ -383,7 +383,14 @@ class Tproxyd:
         return self.workdir / "tproxyd.log"
 
     def write_config(self, links: dict[str, str] | None = None, extra: str = "") -> None:
-        lines = [f'state_dir = "{self.state_dir}"', f'runtime_dir = "{self.workdir / "run"}"', extra, "[links]"]
+        # No core: the D-Bus tier is about the API; tests/e2e/test_core.py covers the supervisor.
+        lines = [
+            f'state_dir = "{self.state_dir}"',
+            f'runtime_dir = "{self.workdir / "run"}"',
+            "[core]\nsupervise = false",
+            extra,
+            "[links]",
+        ]
         lines += [f'{name} = "{mode}"' for name, mode in (links or {}).items()]
         self.config.write_text("\n".join(lines) + "\n")
 

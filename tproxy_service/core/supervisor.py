@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 CORE_CONFIG = "core.json"
 CORE_ENV = "core.env"
 READY_POLL = 0.02  # s between socket checks while the unit is active but not yet listening
-WATCH_POLL = 0.5  # s between socket checks of an unsupervised (external) core
+WATCH_POLL = 0.5  # s between socket checks of a ready core
 TEST_TIMEOUT = 20.0
+RETRY_UNREACHABLE = 5.0  # s between attempts to reach an unreachable systemd manager
 
 
 class UnitPort(Protocol):
@@ -36,6 +37,7 @@ class UnitPort(Protocol):
     async def start(self) -> str: ...
     async def stop(self) -> str: ...
     async def restart(self) -> str: ...
+    def close(self) -> None: ...
 
 
 async def render_checked(config: Config) -> str:
@@ -93,16 +95,15 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class CoreSupervisor:
-    def __init__(self, config: Config, unit: UnitPort | None, on_change: Callable[[str], None]) -> None:
-        """`unit=None`: an external core nobody supervises here; only its readiness is watched."""
+    def __init__(self, config: Config, unit: UnitPort, on_change: Callable[[str], None]) -> None:
         self._config = config
-        self._unit = unit
+        self.unit = unit
         self._on_change = on_change
         self._wanted = False
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
         self._text = ""  # the core config last written
-        self.status = CoreStatus(active_state="unsupervised" if unit is None else "inactive")
+        self.status = CoreStatus(active_state="inactive")
 
     # --- config ---------------------------------------------------------------------------------
 
@@ -122,10 +123,10 @@ class CoreSupervisor:
     async def reload(self, config: Config) -> bool:
         """New config: rewrite the core config and restart the core only if it changed."""
         changed = await self.prepare(config)
-        if changed and self._wanted and self._unit is not None:
+        if changed and self._wanted:
             async with self._lock:
                 log.info("core config changed: restarting %s", self._config.core.unit)
-                await self._job(self._unit.restart)
+                await self._job(self.unit.restart)
         return changed
 
     # --- running --------------------------------------------------------------------------------
@@ -133,30 +134,26 @@ class CoreSupervisor:
     async def want(self, run: bool) -> None:
         """Start or stop the core; returns once systemd has finished the job (~50 ms)."""
         self._ensure_poller()
-        if run == self._wanted and (self._unit is None or self._unit_matches(run)):
+        if run == self._wanted and self._unit_matches(run):
             return
         self._wanted = run
-        if self._unit is None:
-            if run:  # an external core may already listen: know it now, not one poll later
-                await self._check_ready()
-            return
         async with self._lock:
-            await self._job(self._unit.start if run else self._unit.stop)
+            await self._job(self.unit.start if run else self.unit.stop)
 
     def _unit_matches(self, run: bool) -> bool:
-        assert self._unit is not None
-        state = self._unit.status.active_state
+        state = self.unit.status.active_state
         return state in ("active", "activating", "reloading") if run else state in ("inactive", "failed", "unknown")
 
     async def _job(self, job: Callable[[], object]) -> None:
-        assert self._unit is not None
         try:
-            await self._unit.connect()
+            await self.unit.connect()
             result = await job()  # type: ignore[misc]
             if result not in ("done", "skipped"):
                 self._set(detail=f"systemd job for {self._config.core.unit} ended with '{result}'")
         except SystemdError as e:
             self._set(active_state="unreachable", ready=False, detail=str(e))
+            # Try again later: the manager may come (back) at any time.
+            asyncio.get_running_loop().call_later(RETRY_UNREACHABLE, self._on_change, "retrying the systemd manager")
 
     def on_unit_change(self, unit: UnitStatus) -> None:
         """Called by the systemd client for every property change of the unit."""
@@ -169,19 +166,15 @@ class CoreSupervisor:
             self._poller = asyncio.create_task(self._poll_readiness(), name="core-readiness")
 
     async def _poll_readiness(self) -> None:
-        """Watch the socket table: fast while the unit is active and not ready yet, slowly for
-        an external core, not at all while a supervised unit is down."""
+        """Watch the socket table: fast while the unit is active and not ready yet, slowly once
+        it is (a core can lose its sockets without exiting), not at all while it is down."""
         while True:
-            active = self._unit is None or self.status.active_state == "active"
-            if not self._wanted or not active:
+            if not self._wanted or self.status.active_state != "active":
                 if self.status.ready:
                     self._set(ready=False)
-                if self._unit is not None:
-                    return
-                await asyncio.sleep(WATCH_POLL)
-                continue
+                return
             ready = await self._check_ready()
-            await asyncio.sleep(WATCH_POLL if ready or self._unit is None else READY_POLL)
+            await asyncio.sleep(WATCH_POLL if ready else READY_POLL)
 
     async def _check_ready(self) -> bool:
         settings = self._config.tproxy
