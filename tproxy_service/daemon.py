@@ -147,6 +147,7 @@ class Daemon:
         await self.engine.stop(remove=True)
         if self.core is not None:
             await self.core.want(False)  # nothing is diverted any more: the core is not needed
+            await self.core.settle()
             await self.core.close()
             self.core.unit.close()
         self.nft.close()

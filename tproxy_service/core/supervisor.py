@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
@@ -102,6 +102,8 @@ class CoreSupervisor:
         self._wanted = False
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
+        self._job_task: asyncio.Task[None] | None = None
+        self._retry = False  # the last job could not reach systemd: try again on the next want
         self._text = ""  # the core config last written
         self.status = CoreStatus(active_state="inactive")
 
@@ -124,6 +126,7 @@ class CoreSupervisor:
         """New config: rewrite the core config and restart the core only if it changed."""
         changed = await self.prepare(config)
         if changed and self._wanted:
+            await self.settle()
             async with self._lock:
                 log.info("core config changed: restarting %s", self._config.core.unit)
                 await self._job(self.unit.restart)
@@ -132,26 +135,42 @@ class CoreSupervisor:
     # --- running --------------------------------------------------------------------------------
 
     async def want(self, run: bool) -> None:
-        """Start or stop the core; returns once systemd has finished the job (~50 ms)."""
+        """Start or stop the core when the want changes. The job runs in the background: the
+        engine's pass must not wait for it (a start queued behind systemd's own auto-restart can
+        take RestartSec); progress arrives through the unit's property changes. Crashes are left
+        to the unit's Restart=, so a want that did not change issues no job."""
         self._ensure_poller()
-        if run == self._wanted and self._unit_matches(run):
+        if run == self._wanted and not self._retry:
             return
         self._wanted = run
+        self._retry = False
+        previous = self._job_task
+        self._job_task = asyncio.create_task(self._run_job(run, previous), name="core-job")
+
+    async def settle(self) -> None:
+        """Wait for the last start/stop job (used on shutdown)."""
+        if self._job_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._job_task
+
+    async def _run_job(self, run: bool, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:  # jobs stay in the order they were asked for
+            with contextlib.suppress(asyncio.CancelledError):
+                await previous
+        if run != self._wanted:
+            return  # superseded while waiting
         async with self._lock:
             await self._job(self.unit.start if run else self.unit.stop)
 
-    def _unit_matches(self, run: bool) -> bool:
-        state = self.unit.status.active_state
-        return state in ("active", "activating", "reloading") if run else state in ("inactive", "failed", "unknown")
-
-    async def _job(self, job: Callable[[], object]) -> None:
+    async def _job(self, job: Callable[[], Awaitable[str]]) -> None:
         try:
             await self.unit.connect()
-            result = await job()  # type: ignore[misc]
+            result = await job()
             if result not in ("done", "skipped"):
                 self._set(detail=f"systemd job for {self._config.core.unit} ended with '{result}'")
         except SystemdError as e:
             self._set(active_state="unreachable", ready=False, detail=str(e))
+            self._retry = True
             # Try again later: the manager may come (back) at any time.
             asyncio.get_running_loop().call_later(RETRY_UNREACHABLE, self._on_change, "retrying the systemd manager")
 

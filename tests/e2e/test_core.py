@@ -1,0 +1,276 @@
+"""The core supervised through a real systemd manager: the shipped tproxyd-core.service run by a
+`systemd --user` manager (as root), joined to the gateway namespace with a test drop-in; real
+v2ray; tproxyd driven over a private system bus; traffic from the client namespace.
+
+The lab's own v2ray keeps port 12345; the supervised core uses CORE_PORT, so the two never meet."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from ..integration import harness as ih
+from ..integration.monitor import Monitor
+from . import harness as h
+from .usermanager import UserManager
+
+pytestmark = pytest.mark.root
+
+CORE_PORT = 12346
+UNIT = "tproxyd-core.service"
+SHIPPED_UNIT = h.REPO / "systemd" / UNIT
+KINDS = [(proto, family) for proto in ("tcp", "udp") for family in (4, 6)]
+
+
+@dataclass
+class CoreStack:
+    workdir: Path
+    bus: ih.PrivateBus
+    manager: UserManager
+    daemons: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def access(self) -> h.AccessLog:
+        return h.AccessLog(self.workdir / "core-access.log")
+
+    @property
+    def core_log(self) -> Path:
+        return self.workdir / "core-error.log"
+
+    @property
+    def user_config(self) -> Path:
+        return self.workdir / "core-user.json"
+
+    def write_user_config(self, loglevel: str = "info", mark: int | None = None) -> None:
+        outbound: dict[str, object] = {"tag": "direct", "protocol": "freedom", "settings": {}}
+        if mark is not None:
+            outbound["streamSettings"] = {"sockopt": {"mark": mark}}
+        config = {
+            "log": {"loglevel": loglevel, "access": str(self.workdir / "core-access.log"), "error": str(self.core_log)},
+            "outbounds": [outbound],
+        }
+        self.user_config.write_text(json.dumps(config))
+
+    def start(self, policy: str) -> subprocess.Popen[bytes]:
+        self.write_user_config()
+        config = self.workdir / "tproxyd.toml"
+        config.write_text(
+            f'state_dir = "{self.workdir / "state"}"\n'
+            f'runtime_dir = "{self.manager.runtime_dir / "tproxyd"}"  # %t/tproxyd in the unit\n'
+            f'[tproxy]\nport = {CORE_PORT}\nfailure_policy = "{policy}"\n'
+            f'[core]\nconfig = "{self.user_config}"\nsystemd_bus = "{self.manager.bus_address}"\n'
+        )
+        log = self.workdir / "tproxyd.log"
+        proc = h.spawn(
+            h.GW,
+            [str(h.TPROXYD), "--config", str(config), "--log-level", "debug"],
+            log,
+            env={"DBUS_SYSTEM_BUS_ADDRESS": self.bus.address},
+        )
+        self.daemons.append(proc)
+        h.wait_until(lambda: "tproxyd ready" in log.read_text() or proc.poll() is not None, 20, "tproxyd ready")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        return proc
+
+    def call(self, member: str, signature: str = "", body: list[object] | None = None) -> ih.Reply:
+        return self.bus.call(member, signature, body)
+
+    def props(self) -> dict[str, object]:
+        return self.bus.properties()
+
+    def wait_state(self, state: str, timeout: float = 10) -> None:
+        h.wait_until(lambda: self.props()["State"] == state, timeout, f"State == {state!r} (now {self.props()})")
+
+    def unit(self, prop: str) -> str:
+        return self.manager.systemctl("show", "-p", prop, "--value", UNIT).strip()
+
+    def core_starts(self) -> int:
+        """v2ray logs this once per start, to its own error log."""
+        try:
+            return self.core_log.read_text().count("V2Ray 4.34.0 started")
+        except FileNotFoundError:
+            return 0
+
+
+@pytest.fixture
+def core_stack(lab: h.Lab, tmp_path: Path) -> Iterator[CoreStack]:
+    bus_dir = ih.new_workdir()  # traversable by the unprivileged watcher
+    bus = ih.PrivateBus(bus_dir)
+    manager = UserManager(tmp_path / "um", f"tproxyd-test-{os.getpid()}")
+    stack = CoreStack(tmp_path, bus, manager)
+    try:
+        bus.start()
+        manager.start()
+        # The shipped unit; the drop-in only places it in the gateway namespace and lets the
+        # core write its test logs.
+        manager.install_unit(
+            SHIPPED_UNIT, f"[Service]\nNetworkNamespacePath=/run/netns/{h.GW}\nReadWritePaths={tmp_path}\n"
+        )
+        yield stack
+    finally:
+        for proc in stack.daemons:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        manager.stop()
+        bus.stop()
+        shutil.rmtree(bus_dir, ignore_errors=True)
+        h.remove_our_kernel_state(h.GW)
+    assert all(p.returncode == 0 for p in stack.daemons), "tproxyd did not exit cleanly on SIGTERM"
+
+
+def assert_proxied(stack: CoreStack, lab: h.Lab) -> None:
+    proofs = h.Proofs(stack.access, lab.leaks)
+    with lab.leaks.no_client_packets():
+        for proto, family in KINDS:
+            flow = h.send(proto, h.CLI, h.CLIENT.of(family), h.SERVER.of(family))
+            proofs.proxied(flow, expected_peer=h.GW_UP.of(family))
+
+
+def assert_direct(proto: str = "tcp", family: int = 4) -> None:
+    flow = h.send(proto, h.CLI, h.CLIENT.of(family), h.SERVER.of(family))
+    assert (flow.seen_peer, flow.seen_port) == (flow.src, flow.sport), f"not direct: {flow}"
+
+
+def assert_one_core_instance() -> None:
+    """v2ray sets SO_REUSEPORT: a second instance would bind the same port without error."""
+    for family in ("-4", "-6"):
+        listeners = h.in_ns(h.GW, "ss", "-Htln", family, f"sport = :{CORE_PORT}").stdout.splitlines()
+        assert len(listeners) == 1, f"expected one core listening on {CORE_PORT} ({family}): {listeners}"
+
+
+def test_enable_link_starts_the_core_and_set_enabled_false_stops_it(lab: h.Lab, core_stack: CoreStack) -> None:
+    core_stack.start("open")
+    props = core_stack.props()
+    assert (props["State"], props["CoreState"]) == ("off", "inactive"), props
+    assert core_stack.unit("ActiveState") == "inactive"
+    monitor = Monitor(ih.PLAIN, core_stack.bus)  # an unprivileged watcher
+    try:
+        assert core_stack.call("EnableLink", "ss", [h.LAN_LINK, "lan"]).error is None
+        monitor.changed("CoreState", "active")
+        monitor.changed("State", "active")
+        states = [e["changed"]["State"] for e in monitor.events if "State" in e.get("changed", {})]
+        assert states.index("starting") < states.index("active"), states  # diverted only once listening
+        assert core_stack.unit("ActiveState") == "active"
+        assert_proxied(core_stack, lab)
+        assert_one_core_instance()
+
+        assert core_stack.call("SetEnabled", "b", [False]).error is None
+        monitor.changed("CoreState", "inactive")
+        monitor.changed("State", "off")
+        assert core_stack.unit("ActiveState") == "inactive"
+        assert_direct()
+    finally:
+        monitor.stop()
+
+
+def _kill_core(stack: CoreStack) -> int:
+    pid = int(stack.unit("MainPID"))
+    assert pid > 0, "the core has no main PID"
+    os.kill(pid, signal.SIGKILL)  # units run in our PID namespace: this is the core we started
+    return pid
+
+
+def test_sigkill_open_policy_goes_direct_then_recovers(lab: h.Lab, core_stack: CoreStack) -> None:
+    # A longer RestartSec than shipped, only so the outage is long enough to observe.
+    dropin = core_stack.manager.unit_dir / f"{UNIT}.d" / "60-slow-restart.conf"
+    dropin.write_text("[Service]\nRestartSec=2s\n")
+    core_stack.manager.systemctl("daemon-reload")
+    core_stack.start("open")
+    assert core_stack.call("EnableLink", "ss", [h.LAN_LINK, "lan"]).error is None
+    core_stack.wait_state("active")
+    for round_ in range(10):
+        old = _kill_core(core_stack)
+        # Within 1 s of the kill the diversion is withdrawn: traffic flows direct.
+        h.wait_until(lambda: core_stack.props()["State"] == "degraded", 1.0, f"degraded after kill {round_}")
+        assert_direct("tcp", 4)
+        core_stack.wait_state("active", timeout=10)
+        assert int(core_stack.unit("MainPID")) not in (0, old)
+        flow = h.send("tcp", h.CLI, h.CLIENT.v4, h.SERVER.v4)
+        h.Proofs(core_stack.access, lab.leaks).proxied(flow, expected_peer=h.GW_UP.v4)
+    assert int(core_stack.unit("NRestarts")) == 10
+    assert_proxied(core_stack, lab)
+    assert_one_core_instance()
+
+
+_BLOCKED_PROBE = """
+import socket, sys
+src, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+family = socket.AF_INET6 if ":" in dst else socket.AF_INET
+u = socket.socket(family, socket.SOCK_DGRAM); u.bind((src, 0)); u.sendto(b"outage probe", (dst, port))
+t = socket.socket(family, socket.SOCK_STREAM); t.bind((src, 0)); t.settimeout(0.5)
+try:
+    t.connect((dst, port)); print("connected")
+except OSError:
+    print("blocked")
+"""
+
+
+def probe_during_outage(family: int) -> str:
+    """One UDP datagram and one TCP connection attempt from the client, while the core is down."""
+    args = [h.PYTHON, "-c", _BLOCKED_PROBE, h.CLIENT.of(family), h.SERVER.of(family), str(h.HTTP_PORT)]
+    return h.in_ns(h.CLI, *args).stdout.strip()
+
+
+def test_sigkill_closed_policy_never_leaks(lab: h.Lab, core_stack: CoreStack) -> None:
+    # A longer RestartSec than shipped, only so that probes land inside each outage.
+    dropin = core_stack.manager.unit_dir / f"{UNIT}.d" / "60-slow-restart.conf"
+    dropin.write_text("[Service]\nRestartSec=1s\n")
+    core_stack.manager.systemctl("daemon-reload")
+    core_stack.start("closed")
+    assert core_stack.call("EnableLink", "ss", [h.LAN_LINK, "lan"]).error is None
+    core_stack.wait_state("active")
+    with lab.leaks.no_client_packets():  # not one client packet reaches the router, ever
+        for round_ in range(10):
+            _kill_core(core_stack)
+            h.wait_until(lambda: core_stack.props()["State"] == "blocked", 1.0, f"blocked after kill {round_}")
+            for family in (4, 6):
+                assert probe_during_outage(family) == "blocked"
+            core_stack.wait_state("active", timeout=10)
+            flow = h.send("udp", h.CLI, h.CLIENT.v4, h.SERVER.v4)
+            h.Proofs(core_stack.access, lab.leaks).proxied(flow, expected_peer=h.GW_UP.v4)
+    assert int(core_stack.unit("NRestarts")) == 10
+    assert_proxied(core_stack, lab)
+    assert_one_core_instance()
+
+
+def test_reload_restarts_the_core_only_when_its_config_changed(lab: h.Lab, core_stack: CoreStack) -> None:
+    core_stack.start("open")
+    assert core_stack.call("EnableLink", "ss", [h.LAN_LINK, "lan"]).error is None
+    core_stack.wait_state("active")
+    h.wait_until(lambda: core_stack.core_starts() == 1, 5, "the core's first start in its log")
+    pid = core_stack.unit("MainPID")
+
+    core_stack.write_user_config(mark=7)  # conflicts with core_mark: refused
+    reply = core_stack.call("Reload")
+    assert reply.error == "io.github.Tproxyd.Error.InvalidConfig" and "sockopt.mark 7" in reply.message, reply
+    assert (core_stack.unit("MainPID"), core_stack.core_starts()) == (pid, 1), "a refused config touched the core"
+
+    core_stack.user_config.write_text("{ not json")
+    assert core_stack.call("Reload").error == "io.github.Tproxyd.Error.InvalidConfig"
+
+    core_stack.write_user_config()  # the running config again: no restart
+    assert core_stack.call("Reload").error is None
+    assert (core_stack.unit("MainPID"), core_stack.core_starts()) == (pid, 1)
+
+    core_stack.write_user_config(loglevel="warning")  # a real change: exactly one restart
+    assert core_stack.call("Reload").error is None
+    h.wait_until(lambda: core_stack.core_starts() == 2, 10, "the core restarted once")
+    core_stack.wait_state("active")
+    assert core_stack.unit("MainPID") != pid
+    assert core_stack.call("Reload").error is None
+    assert core_stack.core_starts() == 2, "an unchanged Reload restarted the core"
+    assert_proxied(core_stack, lab)
+    assert_one_core_instance()
