@@ -7,7 +7,7 @@ DEBIAN_PACKAGES := nftables libnftables1 python3-nftables python3-jsonschema pyt
 	dbus-daemon dbus-bin polkitd pkexec systemd \
 	libdbus-1-dev libglib2.0-dev libsystemd-dev pkg-config gcc python3-dev
 
-.PHONY: deps check lint typecheck unit e2e test bench demo clean
+.PHONY: deps check lint typecheck unit e2e test bench demo clean install uninstall
 
 deps: $(VENV)/.deps-stamp
 
@@ -17,7 +17,7 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "deps: installing Debian packages:" $$missing; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	@echo "deps: installing tproxyd into $(VENV)"
@@ -53,3 +53,69 @@ demo:
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# --- install (Debian 12) -------------------------------------------------------------------------
+# The package lives in its own venv under $(PREFIX)/lib/tproxyd, made from Debian's python with
+# --system-site-packages: Debian ships pyroute2 0.7 and dbus-fast 1.84, tproxyd needs pyroute2
+# >= 0.9 (AsyncIPRoute) and a current dbus-fast from PyPI, while libnftables' binding comes from
+# Debian (python3-nftables). Everyone can run /usr/bin/tproxyctl (the venv is world-readable).
+PREFIX ?= /usr
+SYSCONFDIR ?= /etc
+DESTDIR ?=
+LIBDIR := $(DESTDIR)$(PREFIX)/lib/tproxyd
+RUNTIME_PACKAGES := nftables libnftables1 python3-nftables python3-venv python3-systemd v2ray dbus polkitd
+SYSTEMD_UNITDIR := $(DESTDIR)/lib/systemd/system
+DBUS_SYSTEMD := $(DESTDIR)$(PREFIX)/share/dbus-1/system.d
+DBUS_SERVICES := $(DESTDIR)$(PREFIX)/share/dbus-1/system-services
+POLKIT_ACTIONS := $(DESTDIR)$(PREFIX)/share/polkit-1/actions
+DOCDIR := $(DESTDIR)$(PREFIX)/share/doc/tproxyd
+NM_DISPATCHER := $(DESTDIR)$(PREFIX)/lib/NetworkManager/dispatcher.d
+CONFDIR := $(DESTDIR)$(SYSCONFDIR)/tproxyd
+# What `make install` puts down, relative to DESTDIR (used by uninstall and the system test).
+INSTALLED_FILES := $(PREFIX)/bin/tproxyd $(PREFIX)/bin/tproxyctl \
+	/lib/systemd/system/tproxyd.service /lib/systemd/system/tproxyd-core.service \
+	$(PREFIX)/share/dbus-1/system.d/io.github.Tproxyd.conf \
+	$(PREFIX)/share/dbus-1/system-services/io.github.Tproxyd.service \
+	$(PREFIX)/share/polkit-1/actions/io.github.Tproxyd.policy \
+	$(PREFIX)/share/doc/tproxyd/50-tproxyd.rules.example \
+	$(PREFIX)/share/doc/tproxyd/io.github.Tproxyd.Manager1.xml
+
+install:
+	@missing=$$(for p in $(RUNTIME_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ] && [ -z "$(DESTDIR)" ]; then \
+		echo "install: installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@echo "install: tproxyd into $(LIBDIR)"
+	@test -x $(LIBDIR)/bin/python || /usr/bin/python3 -m venv --system-site-packages $(LIBDIR)
+	@$(LIBDIR)/bin/python -m pip install -q --disable-pip-version-check --upgrade .
+	@rm -rf build tproxyd.egg-info
+	@chmod -R a+rX $(LIBDIR)
+	install -d $(DESTDIR)$(PREFIX)/bin
+	ln -sf $(PREFIX)/lib/tproxyd/bin/tproxyd $(DESTDIR)$(PREFIX)/bin/tproxyd
+	ln -sf $(PREFIX)/lib/tproxyd/bin/tproxyctl $(DESTDIR)$(PREFIX)/bin/tproxyctl
+	install -D -m 0644 systemd/tproxyd.service $(SYSTEMD_UNITDIR)/tproxyd.service
+	install -D -m 0644 systemd/tproxyd-core.service $(SYSTEMD_UNITDIR)/tproxyd-core.service
+	install -D -m 0644 dbus/io.github.Tproxyd.conf $(DBUS_SYSTEMD)/io.github.Tproxyd.conf
+	install -D -m 0644 dbus/io.github.Tproxyd.service $(DBUS_SERVICES)/io.github.Tproxyd.service
+	install -D -m 0644 polkit/io.github.Tproxyd.policy $(POLKIT_ACTIONS)/io.github.Tproxyd.policy
+	install -D -m 0644 polkit/50-tproxyd.rules.example $(DOCDIR)/50-tproxyd.rules.example
+	install -D -m 0644 dbus/io.github.Tproxyd.Manager1.xml $(DOCDIR)/io.github.Tproxyd.Manager1.xml
+	@if [ -e $(CONFDIR)/config.toml ]; then echo "install: keeping $(CONFDIR)/config.toml"; \
+	else install -D -m 0644 etc/config.toml $(CONFDIR)/config.toml; fi
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "install: done. Try: tproxyctl status"
+
+# Removes everything install put down; the config goes too unless you changed it.
+uninstall:
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+		systemctl stop tproxyd.service tproxyd-core.service 2>/dev/null || true; \
+		systemctl disable tproxyd.service 2>/dev/null || true; fi
+	rm -f $(addprefix $(DESTDIR),$(INSTALLED_FILES))
+	-rmdir $(DOCDIR) 2>/dev/null
+	rm -rf $(LIBDIR)
+	@if [ -e $(CONFDIR)/config.toml ] && cmp -s etc/config.toml $(CONFDIR)/config.toml; then \
+		rm -f $(CONFDIR)/config.toml; rmdir $(CONFDIR) 2>/dev/null || true; \
+	elif [ -e $(CONFDIR)/config.toml ]; then echo "uninstall: keeping your edited $(CONFDIR)/config.toml"; fi
+	rm -rf $(DESTDIR)/var/lib/tproxyd $(DESTDIR)/run/tproxyd
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
