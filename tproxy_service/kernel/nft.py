@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from ..errors import KernelError
-from ..model import NftState
+from ..model import AddressSet, NftState
 from ..rules import nft as rules
 from .nft_netlink import SetElementWriter, table_exists
 
@@ -33,6 +33,9 @@ class NftablesAdapter:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nft")
         self._local = threading.local()
         self._elements = SetElementWriter(rules.TABLE)
+        # Encoded bypass elements for the AddressSet object they were made from (see _replace).
+        self._bypass_key: AddressSet | None = None
+        self._bypass_elements: tuple[list[Any], list[Any]] = ([], [])
 
     def _ctx(self) -> Any:
         ctx = getattr(self._local, "ctx", None)
@@ -61,12 +64,22 @@ class NftablesAdapter:
         if self.watch:
             self.watch.pause()
         try:
-            await self._call(self._run_json, rules.build_replace(state), "replacing table inet tproxyd")
+            await self._call(self._replace, state)
         finally:
             if self.watch:
                 self.watch.resume()
         if self.on_missing and not await self.exists():
             self.on_missing("table deleted right after it was replaced")
+
+    def _replace(self, state: NftState) -> None:
+        """On the worker thread: building 100k elements must not stall the event loop."""
+        if self._bypass_key is not state.bypass:  # the engine keeps one AddressSet per config
+            self._bypass_elements = (
+                rules.encode_intervals(4, state.bypass.v4),
+                rules.encode_intervals(6, state.bypass.v6),
+            )
+            self._bypass_key = state.bypass
+        self._run_json(rules.build_replace(state, self._bypass_elements), "replacing table inet tproxyd")
 
     async def exists(self) -> bool:
         return bool(await self._call(table_exists, rules.TABLE))
