@@ -1,0 +1,301 @@
+"""Shared helpers for the benchmarks: namespaces, workers, CIDR generation, statistics, tables.
+
+Every benchmark is a parent process (in the main namespace, where it only runs `ip netns add/del`
+and `ip netns exec`) plus workers that run inside fresh network namespaces named `tpb-*`. The
+parent deletes its namespaces in `finally` blocks, even when a worker fails."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tproxy_service.cidrs import address_set, union
+from tproxy_service.desired import RESERVED
+from tproxy_service.model import AddressSet, Interval, NftState, TproxySettings
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+TPROXYD = str(Path(PYTHON).parent / "tproxyd")
+NS_PREFIX = "tpb-"
+SEED = 20240601
+# Kept out of the random bypass lists: the benchmarks use them as "the internet" on purpose.
+DOC_NETS = ((192 << 16) | (0 << 8) | 2, (198 << 16) | (51 << 8) | 100, (203 << 16) | (0 << 8) | 113)
+
+
+# --- processes and namespaces -------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def sh(*argv: str, check: bool = True) -> str:
+    """Run a command, return its stdout; on failure raise with its stderr."""
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def in_ns(ns: str, *argv: str, check: bool = True) -> str:
+    return sh("ip", "netns", "exec", ns, *argv, check=check)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        sys.exit("benchmarks need root (network namespaces, nftables)")
+
+
+def terminate_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so every `finally` (namespace deletion) runs."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
+def netns(tag: str) -> Iterator[str]:
+    """A fresh network namespace `tpb-TAG-PID` with lo up; deleted on exit, whatever happened."""
+    name = f"{NS_PREFIX}{tag}-{os.getpid()}"
+    sh("ip", "netns", "add", name)
+    try:
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def run_worker(ns: str, script: str, params: dict[str, Any]) -> Any:
+    """Run `script --worker PARAMS` inside `ns` with the venv's python; its last stdout line is JSON."""
+    argv = ["ip", "netns", "exec", ns, PYTHON, str(Path(script).resolve()), "--worker", json.dumps(params)]
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {Path(script).name} in {ns} failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def worker_main(argv: Sequence[str]) -> dict[str, Any] | None:
+    """The parsed `--worker JSON` parameters, or None when not started as a worker."""
+    if len(argv) >= 2 and argv[0] == "--worker":
+        return dict(json.loads(argv[1]))
+    return None
+
+
+def emit(result: Any) -> None:
+    print(json.dumps(result), flush=True)
+
+
+class Daemon:
+    """tproxyd inside a namespace (`ip netns exec` execs, so the pid we hold is tproxyd's)."""
+
+    def __init__(self, ns: str, config: Path, ready_timeout: float = 120.0) -> None:
+        self.ns = ns
+        self.config = config
+        self.ready_timeout = ready_timeout
+        self.proc: subprocess.Popen[str] | None = None
+        self.stderr_lines: list[str] = []
+        self.ready_after = 0.0
+        self._ready_line = ""
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> float:
+        """Start and wait for `tproxyd ready`; returns the seconds it took."""
+        start = time.perf_counter()
+        # A bus address that cannot exist: a benchmark daemon must never own the real bus name.
+        env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={self.config.parent}/no-such-bus"}
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, TPROXYD, "--config", str(self.config)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        ready = threading.Event()
+        self._reader = threading.Thread(target=self._read_stderr, args=(ready,), daemon=True)
+        self._reader.start()
+        if not ready.wait(self.ready_timeout) or not self._ready_line:
+            self.stop()
+            raise RuntimeError("tproxyd did not get ready:\n" + "\n".join(self.stderr_lines[-20:]))
+        self.ready_after = time.perf_counter() - start
+        if "state=active" not in self._ready_line:
+            self.stop()
+            raise RuntimeError(f"tproxyd is not active: {self._ready_line}")
+        return self.ready_after
+
+    def _read_stderr(self, ready: threading.Event) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line.rstrip())
+            if "tproxyd ready" in line:
+                self._ready_line = line.strip()
+                ready.set()
+        ready.set()  # EOF: the daemon exited
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
+
+
+def write_config(path: Path, bypass_file: Path, links: dict[str, str]) -> None:
+    state = path.parent / "state"
+    runtime = path.parent / "run"
+    lines = [
+        f'state_dir = "{state}"',
+        f'runtime_dir = "{runtime}"',
+        "[bypass]",
+        f'files = ["{bypass_file}"]',
+        "[links]",
+        *(f'{name} = "{mode}"' for name, mode in links.items()),
+        # No proxy core in the benchmarks: tproxyd treats the core as external and diverts anyway
+        # (diverted traffic then finds no listener, which dataplane.py uses as its control).
+        "[core]",
+        "supervise = false",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+# --- bypass lists -------------------------------------------------------------------------------
+
+
+def _reserved24(index: int) -> bool:
+    address = index << 8
+    return index in DOC_NETS or any(iv.first <= address <= iv.last for iv in RESERVED.v4)
+
+
+def random_v4_cidrs(count: int, seed: int = SEED) -> list[str]:
+    """`count` distinct IPv4 /24s, none adjacent to another (every other /24), none reserved:
+    the bypass set then holds exactly `count` user elements."""
+    rng = random.Random(seed)
+    chosen: set[int] = set()
+    while len(chosen) < count:
+        index = rng.randrange(1 << 15, 224 << 15) * 2  # even /24 index in 1.0.0.0 - 223.255.254.0
+        if index not in chosen and not _reserved24(index):
+            chosen.add(index)
+    return [f"{i >> 16}.{(i >> 8) & 255}.{i & 255}.0/24" for i in sorted(chosen)]
+
+
+def random_v6_cidrs(count: int, seed: int = SEED) -> list[str]:
+    """`count` distinct IPv6 /48s in 2000::/3, outside 2001:db8::/32."""
+    rng = random.Random(seed + 6)
+    chosen: set[int] = set()
+    while len(chosen) < count:
+        prefix = (0b001 << 45) | rng.getrandbits(45)  # the top 48 bits
+        if prefix >> 16 != 0x20010DB8:
+            chosen.add(prefix)
+    return [f"{p >> 32:x}:{(p >> 16) & 0xFFFF:x}:{p & 0xFFFF:x}::/48" for p in sorted(chosen)]
+
+
+def bypass_lines(v4: int, v6: int, extra: Sequence[str] = ()) -> list[str]:
+    """A mixed list file body (shuffled, with a comment and a blank line, as real lists look)."""
+    lines = random_v4_cidrs(v4) + random_v6_cidrs(v6) + list(extra)
+    random.Random(SEED + 1).shuffle(lines)
+    return ["# generated by bench/benchlib.py", "", *lines]
+
+
+def bench_state(user: AddressSet, lan_links: Sequence[str] = ("lan0",)) -> NftState:
+    """What the daemon would build: reserved + user bypass, one lan link, one local subnet each."""
+    local = address_set(
+        [Interval(0xC0000200, 0xC00002FF)],  # 192.0.2.0/24
+        [Interval(0x20010DB8000100000000000000000000, 0x20010DB800010000FFFFFFFFFFFFFFFF)],
+    )
+    return NftState(
+        settings=TproxySettings(),
+        bypass=union(RESERVED, user),
+        lan_links=frozenset(lan_links),
+        host_links=frozenset(),
+        local=local,
+    )
+
+
+# --- statistics and tables ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stats:
+    n: int
+    min: float
+    median: float
+    p99: float
+    max: float
+
+
+def summarize(samples: Sequence[float]) -> Stats:
+    """Nearest-rank p99; samples in any unit (we use milliseconds)."""
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(0.99 * len(ordered)))
+    return Stats(len(ordered), ordered[0], statistics.median(ordered), ordered[rank - 1], ordered[-1])
+
+
+def ms(value: float) -> str:
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    if value >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def ratio(value: float) -> str:
+    return f"{value:.2f}x" if value >= 0.1 else f"{value:.4f}x"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Goal:
+    name: str
+    target: str
+    measured: str
+    met: bool
+
+
+@dataclass
+class Report:
+    title: str
+    body: str
+    goals: list[Goal] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        return f"## {self.title}\n\n{self.body.strip()}\n"
+
+
+def print_report(report: Report) -> None:
+    print(report.markdown())
+    if report.goals:
+        print(goal_table(report.goals))
+
+
+def goal_table(goals: Sequence[Goal]) -> str:
+    rows = [[g.name, g.target, g.measured, "met" if g.met else "**missed**"] for g in goals]
+    return table(["goal", "target", "measured", "verdict"], rows)
