@@ -26,8 +26,8 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 	@touch $@
 
 lint: deps
-	$(VENV)/bin/ruff check tproxy_service tests bench
-	$(VENV)/bin/ruff format --check tproxy_service tests bench
+	$(VENV)/bin/ruff check tproxy_service tests bench demo
+	$(VENV)/bin/ruff format --check tproxy_service tests bench demo
 
 typecheck: deps
 	$(VENV)/bin/mypy
@@ -48,8 +48,8 @@ test: deps lint typecheck
 bench: deps
 	$(PY) bench/run_all.py
 
-demo:
-	@echo "make demo arrives with the install/demo issue; see README.md" >&2; exit 2
+demo: deps
+	$(PY) demo/run_demo.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

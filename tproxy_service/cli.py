@@ -287,6 +287,10 @@ async def _enable(client: Client, ifname: str, mode: str) -> int:
         print(f"{ifname}: {mode}; tproxyd is off, so nothing is proxied (tproxyctl on)")
     elif ifname in props["ActiveLinks"]:
         print(f"{ifname}: proxied ({mode})")
+    elif props["State"] == "starting":
+        print(f"{ifname}: {mode}; proxied as soon as the core listens (starting)")
+    elif props["State"] in ("degraded", "blocked", "failed"):
+        print(f"{ifname}: {mode}; not proxied now, tproxyd is {props['State']} (tproxyctl status)")
     else:
         print(f"{ifname}: {mode}; proxied once the link appears")
     return EXIT_OK
