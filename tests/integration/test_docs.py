@@ -1,4 +1,4 @@
-"""Every busctl example in docs/dbus.md runs verbatim, in order, and prints what the docs show."""
+"""Every busctl example in README.md (the D-Bus section) runs verbatim, in order, and prints what the docs show."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .conftest import MakeDaemon
 
 pytestmark = pytest.mark.root
 
-DOC = h.REPO / "docs" / "dbus.md"
+DOC = h.REPO / "README.md"
 
 
 @dataclass(frozen=True)
