@@ -183,14 +183,18 @@ def _kill_core(stack: CoreStack) -> int:
     return pid
 
 
+def start_lan_with_slow_restarts(stack: CoreStack, policy: str, restart_sec: str) -> None:
+    """A longer RestartSec than shipped, only so that each outage is long enough to observe."""
+    dropin = stack.manager.unit_dir / f"{UNIT}.d" / "60-slow-restart.conf"
+    dropin.write_text(f"[Service]\nRestartSec={restart_sec}\n")
+    stack.manager.systemctl("daemon-reload")
+    stack.start(policy)
+    assert stack.call("EnableLink", "ss", [h.LAN_LINK, "lan"]).error is None
+    stack.wait_state("active")
+
+
 def test_sigkill_open_policy_goes_direct_then_recovers(lab: h.Lab, core_stack: CoreStack) -> None:
-    # A longer RestartSec than shipped, only so the outage is long enough to observe.
-    dropin = core_stack.manager.unit_dir / f"{UNIT}.d" / "60-slow-restart.conf"
-    dropin.write_text("[Service]\nRestartSec=2s\n")
-    core_stack.manager.systemctl("daemon-reload")
-    core_stack.start("open")
-    assert core_stack.call("EnableLink", "ss", [h.LAN_LINK, "lan"]).error is None
-    core_stack.wait_state("active")
+    start_lan_with_slow_restarts(core_stack, "open", "2s")
     for round_ in range(10):
         old = _kill_core(core_stack)
         # Within 1 s of the kill the diversion is withdrawn: traffic flows direct.
@@ -225,13 +229,7 @@ def probe_during_outage(family: int) -> str:
 
 
 def test_sigkill_closed_policy_never_leaks(lab: h.Lab, core_stack: CoreStack) -> None:
-    # A longer RestartSec than shipped, only so that probes land inside each outage.
-    dropin = core_stack.manager.unit_dir / f"{UNIT}.d" / "60-slow-restart.conf"
-    dropin.write_text("[Service]\nRestartSec=1s\n")
-    core_stack.manager.systemctl("daemon-reload")
-    core_stack.start("closed")
-    assert core_stack.call("EnableLink", "ss", [h.LAN_LINK, "lan"]).error is None
-    core_stack.wait_state("active")
+    start_lan_with_slow_restarts(core_stack, "closed", "1s")  # probes must land inside each outage
     with lab.leaks.no_client_packets():  # not one client packet reaches the router, ever
         for round_ in range(10):
             _kill_core(core_stack)
