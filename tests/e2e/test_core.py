@@ -59,14 +59,14 @@ class CoreStack:
         }
         self.user_config.write_text(json.dumps(config))
 
-    def start(self, policy: str) -> subprocess.Popen[bytes]:
+    def start(self, policy: str, systemd_bus: str = "") -> subprocess.Popen[bytes]:
         self.write_user_config()
         config = self.workdir / "tproxyd.toml"
         config.write_text(
             f'state_dir = "{self.workdir / "state"}"\n'
             f'runtime_dir = "{self.manager.runtime_dir / "tproxyd"}"  # %t/tproxyd in the unit\n'
             f'[tproxy]\nport = {CORE_PORT}\nfailure_policy = "{policy}"\n'
-            f'[core]\nconfig = "{self.user_config}"\nsystemd_bus = "{self.manager.bus_address}"\n'
+            f'[core]\nconfig = "{self.user_config}"\nsystemd_bus = "{systemd_bus or self.manager.bus_address}"\n'
         )
         log = self.workdir / "tproxyd.log"
         proc = h.spawn(
@@ -275,3 +275,15 @@ def test_reload_restarts_the_core_only_when_its_config_changed(lab: h.Lab, core_
     assert core_stack.core_starts() == 2, "an unchanged Reload restarted the core"
     assert_proxied(core_stack, lab)
     assert_one_core_instance()
+
+
+def test_unreachable_systemd_manager_applies_the_failure_policy(lab: h.Lab, core_stack: CoreStack) -> None:
+    proc = core_stack.start("open", systemd_bus=f"unix:path={core_stack.workdir / 'no-such-manager'}")
+    assert core_stack.call("EnableLink", "ss", [h.LAN_LINK, "lan"]).error is None
+    core_stack.wait_state("degraded")
+    props = core_stack.props()
+    assert props["CoreState"] == "unreachable", props
+    assert "cannot reach the systemd manager" in str(props["LastError"]), props
+    assert props["ActiveLinks"] == [], "open policy: no diversion while the core cannot run"
+    assert_direct("tcp", 4)
+    assert proc.poll() is None, "tproxyd must keep running without a systemd manager"
