@@ -4,8 +4,9 @@ VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 DEBIAN_PACKAGES := nftables libnftables1 python3-nftables python3-jsonschema python3-venv python3-systemd \
 	v2ray iproute2 iputils-ping iperf3 socat curl conntrack tcpdump procps \
-	dbus-daemon dbus-bin polkitd pkexec systemd \
-	libdbus-1-dev libglib2.0-dev libsystemd-dev pkg-config gcc python3-dev
+	dbus-daemon dbus-bin polkitd pkexec systemd debootstrap systemd-container network-manager dnsmasq-base \
+	libdbus-1-dev libglib2.0-dev libsystemd-dev pkg-config gcc python3-dev \
+	gnome-shell gnome-shell-extension-appindicator gjs xvfb xdotool imagemagick python3-gi gir1.2-gtk-4.0 gir1.2-adw-1
 
 .PHONY: deps check lint typecheck unit e2e test bench demo clean install uninstall
 
@@ -62,8 +63,10 @@ clean:
 PREFIX ?= /usr
 SYSCONFDIR ?= /etc
 DESTDIR ?=
+# Extra pip options for the install, e.g. an offline wheelhouse: PIP_ARGS="--no-index --find-links DIR".
+PIP_ARGS ?=
 LIBDIR := $(DESTDIR)$(PREFIX)/lib/tproxyd
-RUNTIME_PACKAGES := nftables libnftables1 python3-nftables python3-venv python3-systemd v2ray dbus polkitd
+RUNTIME_PACKAGES := nftables libnftables1 python3-nftables python3-venv python3-systemd python3-gi v2ray dbus polkitd
 SYSTEMD_UNITDIR := $(DESTDIR)/lib/systemd/system
 DBUS_SYSTEMD := $(DESTDIR)$(PREFIX)/share/dbus-1/system.d
 DBUS_SERVICES := $(DESTDIR)$(PREFIX)/share/dbus-1/system-services
@@ -71,6 +74,9 @@ POLKIT_ACTIONS := $(DESTDIR)$(PREFIX)/share/polkit-1/actions
 DOCDIR := $(DESTDIR)$(PREFIX)/share/doc/tproxyd
 NM_DISPATCHER := $(DESTDIR)$(PREFIX)/lib/NetworkManager/dispatcher.d
 CONFDIR := $(DESTDIR)$(SYSCONFDIR)/tproxyd
+EXT_UUID := tproxyd@tproxyd.github.io
+GNOME_EXT := $(DESTDIR)$(PREFIX)/share/gnome-shell/extensions/$(EXT_UUID)
+EXT_FILES := metadata.json extension.js presentation.js stylesheet.css
 # What `make install` puts down, relative to DESTDIR (used by uninstall and the system test).
 INSTALLED_FILES := $(PREFIX)/bin/tproxyd $(PREFIX)/bin/tproxyctl \
 	/lib/systemd/system/tproxyd.service /lib/systemd/system/tproxyd-core.service \
@@ -78,7 +84,9 @@ INSTALLED_FILES := $(PREFIX)/bin/tproxyd $(PREFIX)/bin/tproxyctl \
 	$(PREFIX)/share/dbus-1/system-services/io.github.Tproxyd.service \
 	$(PREFIX)/share/polkit-1/actions/io.github.Tproxyd.policy \
 	$(PREFIX)/share/doc/tproxyd/50-tproxyd.rules.example \
-	$(PREFIX)/share/doc/tproxyd/io.github.Tproxyd.Manager1.xml
+	$(PREFIX)/share/doc/tproxyd/io.github.Tproxyd.Manager1.xml \
+	$(PREFIX)/bin/tproxyd-toggle $(PREFIX)/share/applications/tproxyd-toggle.desktop \
+	$(addprefix $(PREFIX)/share/gnome-shell/extensions/$(EXT_UUID)/,$(EXT_FILES))
 
 install:
 	@missing=$$(for p in $(RUNTIME_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -88,12 +96,16 @@ install:
 	fi
 	@echo "install: tproxyd into $(LIBDIR)"
 	@test -x $(LIBDIR)/bin/python || /usr/bin/python3 -m venv --system-site-packages $(LIBDIR)
-	@$(LIBDIR)/bin/python -m pip install -q --disable-pip-version-check --upgrade .
+	@$(LIBDIR)/bin/python -m pip install -q --disable-pip-version-check $(PIP_ARGS) --upgrade .
 	@rm -rf build tproxyd.egg-info
 	@chmod -R a+rX $(LIBDIR)
 	install -d $(DESTDIR)$(PREFIX)/bin
 	ln -sf $(PREFIX)/lib/tproxyd/bin/tproxyd $(DESTDIR)$(PREFIX)/bin/tproxyd
 	ln -sf $(PREFIX)/lib/tproxyd/bin/tproxyctl $(DESTDIR)$(PREFIX)/bin/tproxyctl
+	ln -sf $(PREFIX)/lib/tproxyd/bin/tproxyd-toggle $(DESTDIR)$(PREFIX)/bin/tproxyd-toggle
+	install -d $(GNOME_EXT)
+	install -m 0644 $(addprefix desktop/gnome-shell/$(EXT_UUID)/,$(EXT_FILES)) $(GNOME_EXT)/
+	install -D -m 0644 desktop/tproxyd-toggle.desktop $(DESTDIR)$(PREFIX)/share/applications/tproxyd-toggle.desktop
 	install -D -m 0644 systemd/tproxyd.service $(SYSTEMD_UNITDIR)/tproxyd.service
 	install -D -m 0644 systemd/tproxyd-core.service $(SYSTEMD_UNITDIR)/tproxyd-core.service
 	install -D -m 0644 dbus/io.github.Tproxyd.conf $(DBUS_SYSTEMD)/io.github.Tproxyd.conf
@@ -112,7 +124,7 @@ uninstall:
 		systemctl stop tproxyd.service tproxyd-core.service 2>/dev/null || true; \
 		systemctl disable tproxyd.service 2>/dev/null || true; fi
 	rm -f $(addprefix $(DESTDIR),$(INSTALLED_FILES))
-	-rmdir $(DOCDIR) 2>/dev/null
+	-rmdir $(DOCDIR) $(GNOME_EXT) 2>/dev/null
 	rm -rf $(LIBDIR)
 	@if [ -e $(CONFDIR)/config.toml ] && cmp -s etc/config.toml $(CONFDIR)/config.toml; then \
 		rm -f $(CONFDIR)/config.toml; rmdir $(CONFDIR) 2>/dev/null || true; \
