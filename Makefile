@@ -86,6 +86,7 @@ INSTALLED_FILES := $(PREFIX)/bin/tproxyd $(PREFIX)/bin/tproxyctl \
 	$(PREFIX)/share/doc/tproxyd/50-tproxyd.rules.example \
 	$(PREFIX)/share/doc/tproxyd/io.github.Tproxyd.Manager1.xml \
 	$(PREFIX)/bin/tproxyd-toggle $(PREFIX)/share/applications/tproxyd-toggle.desktop \
+	$(PREFIX)/lib/NetworkManager/dispatcher.d/90-tproxyd \
 	$(addprefix $(PREFIX)/share/gnome-shell/extensions/$(EXT_UUID)/,$(EXT_FILES))
 
 install:
@@ -105,6 +106,8 @@ install:
 	ln -sf $(PREFIX)/lib/tproxyd/bin/tproxyd-toggle $(DESTDIR)$(PREFIX)/bin/tproxyd-toggle
 	install -d $(GNOME_EXT)
 	install -m 0644 $(addprefix desktop/gnome-shell/$(EXT_UUID)/,$(EXT_FILES)) $(GNOME_EXT)/
+	# NetworkManager refuses dispatcher scripts that are not root-owned or are group/world-writable.
+	install -D -o root -g root -m 0755 nm-dispatcher/90-tproxyd $(NM_DISPATCHER)/90-tproxyd
 	install -D -m 0644 desktop/tproxyd-toggle.desktop $(DESTDIR)$(PREFIX)/share/applications/tproxyd-toggle.desktop
 	install -D -m 0644 systemd/tproxyd.service $(SYSTEMD_UNITDIR)/tproxyd.service
 	install -D -m 0644 systemd/tproxyd-core.service $(SYSTEMD_UNITDIR)/tproxyd-core.service
@@ -130,4 +133,5 @@ uninstall:
 		rm -f $(CONFDIR)/config.toml; rmdir $(CONFDIR) 2>/dev/null || true; \
 	elif [ -e $(CONFDIR)/config.toml ]; then echo "uninstall: keeping your edited $(CONFDIR)/config.toml"; fi
 	rm -rf $(DESTDIR)/var/lib/tproxyd $(DESTDIR)/run/tproxyd
+	-rmdir $(DESTDIR)/var/log/tproxyd 2>/dev/null  # the core's LogsDirectory, if it holds nothing
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
