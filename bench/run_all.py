@@ -20,7 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
+import core_start
 import dataplane
+import dbus_calls
 import full_apply
 import reaction
 import toggle
@@ -32,6 +34,8 @@ BENCHMARKS: dict[str, ModuleType] = {
     "toggle": toggle,
     "reaction": reaction,
     "dataplane": dataplane,
+    "dbus_calls": dbus_calls,
+    "core_start": core_start,
 }
 
 
@@ -105,10 +109,12 @@ def render(reports: list[Report], started: datetime.datetime, seconds: float, lo
     sections = "\n".join(report.markdown() for report in reports)
     return f"""# Benchmarks
 
-Produced by `bench/run_all.py` (DESIGN.md section 7; issue 2). Every number comes from one run of
-the command below; each benchmark ran in fresh network namespaces of its own (`tpb-*`), with
-`time.perf_counter()`. Scripts: `bench/full_apply.py`, `bench/toggle.py`, `bench/reaction.py`,
-`bench/dataplane.py` (each runs on its own; `--help` explains it). Times in ms unless stated.
+Produced by `bench/run_all.py` (DESIGN.md section 7; issues 2, 3 and 4). Every number comes from one
+run of the command below; each benchmark ran in fresh network namespaces of its own (`tpb-*`;
+`tpd-*` for the D-Bus calls, `tpc-*` for the core), with `time.perf_counter()`. Scripts:
+`bench/full_apply.py`, `bench/toggle.py`, `bench/reaction.py`, `bench/dataplane.py`,
+`bench/dbus_calls.py`, `bench/core_start.py` (each runs on its own; `--help` explains it). Times in
+ms unless stated.
 
 - date: {started.strftime("%Y-%m-%d %H:%M UTC")} (took {seconds / 60:.1f} min)
 - command (as root, from the repository root): `{command_line()}`
