@@ -11,11 +11,20 @@ from typing import Any
 from .cidrs import load_cidr_file, parse_cidrs, union
 from .errors import ConfigError, InvalidArgument
 from .ifname import parse_mode, validate_ifname
-from .model import AddressSet, BypassSettings, Config, CoreSettings, FailurePolicy, LinkMode, TproxySettings
+from .model import (
+    AddressSet,
+    AutoPolicy,
+    BypassSettings,
+    Config,
+    CoreSettings,
+    FailurePolicy,
+    LinkMode,
+    NetworkManagerSettings,
+    TproxySettings,
+)
+from .nm_policy import POLICY_TYPES
 
 DEFAULT_PATH = Path("/etc/tproxyd/config.toml")
-# Sections that later features own; accepted (and ignored) so configs written for them still load.
-RESERVED_SECTIONS = ("networkmanager",)
 _RESERVED_ROUTE_TABLES = (0, 253, 254, 255)  # unspec, default, main, local
 
 
@@ -23,6 +32,7 @@ class _Source:
     """Finds the line a key is on, for error messages (tomllib reports no positions)."""
 
     _header = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]")
+    _array_header = re.compile(r"^\s*\[\[\s*([^\]]+?)\s*\]\]")
     _key = re.compile(r"""^\s*(?:"((?:[^"\\]|\\.)*)"|'([^']*)'|([A-Za-z0-9_-]+))\s*=""")
 
     def __init__(self, name: str, text: str) -> None:
@@ -30,11 +40,16 @@ class _Source:
         self.lines = text.splitlines()
 
     def line_of(self, section: str, key: str | None = None) -> int | None:
+        """`section` may name an array-of-tables entry, e.g. "networkmanager.auto[1]" (0-based)."""
         current = ""
+        entries: dict[str, int] = {}  # [[name]] headers seen so far
         for lineno, line in enumerate(self.lines, 1):
-            header = self._header.match(line)
+            header = self._array_header.match(line) or self._header.match(line)
             if header:
                 current = header.group(1).strip().strip("\"'")
+                if header.re is self._array_header:
+                    entries[current] = entries.get(current, -1) + 1
+                    current = f"{current}[{entries[current]}]"
                 if key is None and current == section:
                     return lineno
                 continue
@@ -47,6 +62,8 @@ class _Source:
 
     def error(self, section: str, key: str | None, message: str) -> ConfigError:
         line = self.line_of(section, key)
+        if line is None and key:  # a sub-table written as a header: [section.key]
+            line = self.line_of(f"{section}.{key}" if section else key)
         where = f"{self.name}:{line}" if line else self.name
         name = ".".join(p for p in (section, key) if p)
         return ConfigError(f"{where}: {name}: {message}")
@@ -109,7 +126,31 @@ _CORE_KEYS: dict[str, Callable[[Any], str | None]] = {
     ),
     "sniffing": _is_bool,
 }
-_TOP_KEYS = {"state_dir", "runtime_dir", "tproxy", "bypass", "links", "core", *RESERVED_SECTIONS}
+_NM_KEYS: dict[str, Callable[[Any], str | None]] = {
+    "enabled": _is_bool,
+    "auto": lambda v: (
+        None
+        if isinstance(v, list) and all(isinstance(x, dict) for x in v)
+        else "must be an array of tables ([[networkmanager.auto]] entries)"
+    ),
+}
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_POLICY_MODES = ("host", "lan", "both", "auto")
+_AUTO_KEYS: dict[str, Callable[[Any], str | None]] = {
+    "id": lambda v: None if isinstance(v, str) and v else "must be a connection name (a non-empty string)",
+    "uuid": lambda v: (
+        None if isinstance(v, str) and _UUID.fullmatch(v) else f"must be a connection UUID, got {_show(v)}"
+    ),
+    "type": lambda v: (
+        None if v in POLICY_TYPES else f"unknown device type {_show(v)} (known: {', '.join(sorted(POLICY_TYPES))})"
+    ),
+    "shared": _is_bool,
+    "mode": lambda v: (
+        None if v in _POLICY_MODES else f"no such mode {_show(v)}: use {', '.join(repr(m) for m in _POLICY_MODES)}"
+    ),
+}
+_MATCH_KEYS = ("id", "uuid", "type", "shared")
+_TOP_KEYS = {"state_dir", "runtime_dir", "tproxy", "bypass", "links", "core", "networkmanager"}
 
 
 def _table(src: _Source, data: dict[str, Any], name: str) -> dict[str, Any]:
@@ -135,6 +176,41 @@ def _path(base: Path, value: Any, src: _Source, key: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
+def _networkmanager(src: _Source, table: dict[str, Any]) -> NetworkManagerSettings:
+    _check_keys(src, "networkmanager", table, _NM_KEYS)
+    policies = []
+    for index, entry in enumerate(table.get("auto", [])):
+        section = f"networkmanager.auto[{index}]"
+
+        def fail(key: str | None, message: str, section: str = section) -> ConfigError:
+            # An entry written inline (auto = [{...}]) has no header: point at the `auto` line.
+            line = src.line_of(section, key) or src.line_of(section) or src.line_of("networkmanager", "auto")
+            name = f"{section}.{key}" if key else section
+            return ConfigError(f"{src.name}:{line}: {name}: {message}" if line else f"{src.name}: {name}: {message}")
+
+        for key, value in entry.items():
+            if key not in _AUTO_KEYS:
+                raise fail(key, f"unknown key (known: {', '.join(sorted(_AUTO_KEYS))})")
+            problem = _AUTO_KEYS[key](value)
+            if problem:
+                raise fail(key, problem)
+        if "mode" not in entry:
+            raise fail(None, 'needs a mode ("host", "lan", "both" or "auto")')
+        if not any(key in entry for key in _MATCH_KEYS):
+            raise fail(None, f"needs at least one of {', '.join(_MATCH_KEYS)} to match connections")
+        mode = entry["mode"]
+        policies.append(
+            AutoPolicy(
+                mode=None if mode == "auto" else LinkMode(mode),
+                id=entry.get("id"),
+                uuid=entry["uuid"].lower() if "uuid" in entry else None,
+                type=entry.get("type"),
+                shared=entry.get("shared"),
+            )
+        )
+    return NetworkManagerSettings(enabled=table.get("enabled", True), auto=tuple(policies))
+
+
 def parse_config(text: str, name: str = "<config>", base: Path | None = None) -> Config:
     """Parse and validate config text. CIDR list files named in it are read too."""
     src = _Source(name, text)
@@ -151,11 +227,11 @@ def parse_config(text: str, name: str = "<config>", base: Path | None = None) ->
     bypass_t = _table(src, data, "bypass")
     links_t = _table(src, data, "links")
     core_t = _table(src, data, "core")
-    for section in RESERVED_SECTIONS:
-        _table(src, data, section)
+    nm_t = _table(src, data, "networkmanager")
     _check_keys(src, "tproxy", tproxy_t, _TPROXY_KEYS)
     _check_keys(src, "bypass", bypass_t, _BYPASS_KEYS)
     _check_keys(src, "core", core_t, _CORE_KEYS)
+    networkmanager = _networkmanager(src, nm_t)
 
     tproxy = TproxySettings(
         **{k: v for k, v in tproxy_t.items() if k != "failure_policy"},
@@ -205,6 +281,7 @@ def parse_config(text: str, name: str = "<config>", base: Path | None = None) ->
             systemd_bus=core_t.get("systemd_bus", "system"),
             sniffing=core_t.get("sniffing", True),
         ),
+        networkmanager=networkmanager,
         user_bypass=user_bypass,
     )
 

@@ -29,17 +29,25 @@ def parse_mode_argument(text: str) -> str:
     raise InvalidArgument(f"no such mode {shown!r}: use 'host', 'lan', 'both' or '' (auto)")
 
 
-def resolve_mode(choice: str) -> LinkMode:
-    # Auto picks 'lan' for a shared/hotspot NetworkManager connection; until the NetworkManager
-    # monitor exists there is no such fact, so auto means 'host'.
-    return LinkMode.HOST if choice == AUTO else LinkMode(choice)
+def choice_mode(choice: str) -> LinkMode | None:
+    """A persisted choice -> the engine's mode; None = auto, which the engine resolves from
+    NetworkManager (nm_policy: lan on a shared/hotspot connection, else host)."""
+    return None if choice == AUTO else LinkMode(choice)
 
 
 class Control:
-    def __init__(self, engine: Engine, store: StateStore, reload: Callable[[], Awaitable[int]]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        store: StateStore,
+        reload: Callable[[], Awaitable[int]],
+        refresh: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """`refresh` re-reads facts kept outside the kernel (NetworkManager's) before a Reapply."""
         self._engine = engine
         self._store = store
         self._reload = reload
+        self._refresh = refresh
         self._choices = Choices()
         self._lock = asyncio.Lock()
         self._listeners: list[Callable[[], None]] = []
@@ -96,12 +104,16 @@ class Control:
                 links[ifname] = DISABLED
             return Choices(c.enabled, links)
 
-        await self._change(disable)
+        # A link a [[networkmanager.auto]] policy holds goes off too, until its connection leaves
+        # the link (not saved: the next activation applies the policy again).
+        await self._change(disable, release_policy=ifname)
 
     async def set_enabled(self, enabled: bool) -> None:
         await self._change(lambda c: Choices(enabled, c.links))
 
     async def reapply(self) -> None:
+        if self._refresh is not None:
+            await self._refresh()
         status = await self._engine.wait_for(self._engine.reapply("reapply requested"))
         if status.state is ServiceState.FAILED:
             raise KernelError(f"re-applying the rules failed: {status.last_error}")
@@ -117,32 +129,36 @@ class Control:
                 await self._engine.wait_for(self.use_config(previous))
                 raise KernelError(f"applying the new config failed, the previous one is kept: {error}")
 
-    async def _change(self, update: Callable[[Choices], Choices]) -> None:
+    async def _change(self, update: Callable[[Choices], Choices], release_policy: str | None = None) -> None:
         async with self._lock:
             previous = self._choices
             new = update(previous)
-            if new == previous:
+            released = release_policy is not None and self._engine.suppress_policy(release_policy)
+            if new == previous and not released:
                 return  # idempotent: nothing to apply or write
             self._choices = new
             status = await self._engine.wait_for(self._push())
             if status.state is ServiceState.FAILED:
                 error = status.last_error
-                await self._revert(previous)
+                await self._revert(previous, release_policy if released else None)
                 raise KernelError(f"applying the change failed and was rolled back: {error}")
-            try:
-                await asyncio.to_thread(self._store.save, new)
-            except OSError as e:
-                await self._revert(previous)
-                raise TproxydError(f"could not save the choice in {self._store.path}: {e.strerror}") from None
+            if new != previous:
+                try:
+                    await asyncio.to_thread(self._store.save, new)
+                except OSError as e:
+                    await self._revert(previous, release_policy if released else None)
+                    raise TproxydError(f"could not save the choice in {self._store.path}: {e.strerror}") from None
             self._notify()
 
-    async def _revert(self, previous: Choices) -> None:
+    async def _revert(self, previous: Choices, released: str | None = None) -> None:
         self._choices = previous
+        if released is not None:
+            self._engine.unsuppress_policy(released)
         await self._engine.wait_for(self._push())
         self._notify()
 
     def _push(self) -> int:
-        links: Mapping[str, LinkMode] = {name: resolve_mode(c) for name, c in self.links.items()}
+        links: Mapping[str, LinkMode | None] = {name: choice_mode(c) for name, c in self.links.items()}
         self._engine.set_links(links)
         return self._engine.set_enabled(self.enabled)
 

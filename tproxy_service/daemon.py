@@ -24,8 +24,9 @@ from .kernel.facts import FactsReader
 from .kernel.nft import NftablesAdapter
 from .kernel.routing import RoutingAdapter
 from .logsetup import sd_notify, setup_logging
-from .model import Config
+from .model import Config, NmFacts
 from .monitors.netlink import NetlinkMonitor
+from .monitors.networkmanager import NetworkManagerMonitor
 from .monitors.nft_events import NftDriftWatch
 from .rules.nft import TABLE
 from .state_store import StateStore
@@ -73,9 +74,12 @@ class Daemon:
             on_change=lambda reason: self._request(reason),
             on_routing_drift=lambda reason: self._request(reason, routing_drift=True),
         )
+        # NetworkManager's facts (auto mode, [[networkmanager.auto]] policies); optional: without
+        # NetworkManager (or with [networkmanager] enabled = false) links follow netlink alone.
+        self.nm: NetworkManagerMonitor | None = None
         self._stop = asyncio.Event()
         # D-Bus choices (persisted) over the config's [links] defaults; the bus is optional.
-        self.control = Control(self.engine, StateStore(config.state_dir), self.reload)
+        self.control = Control(self.engine, StateStore(config.state_dir), self.reload, self._refresh_nm)
         self.bus: bus_service.BusService | None = None
         self.engine.add_listener(self._notify_status)
 
@@ -94,6 +98,21 @@ class Daemon:
         log.warning("our nftables table was changed from outside (%s); restoring it", reason)
         self.engine.request(reason, nft_drift=True)
 
+    async def _follow_nm(self, enabled: bool) -> None:
+        """Start or stop following NetworkManager ([networkmanager] enabled)."""
+        if enabled and self.nm is None:
+            self.nm = NetworkManagerMonitor(self.engine.set_network, lambda reason: self.engine.reapply(reason))
+            await self.nm.start()
+        elif not enabled and self.nm is not None:
+            await self.nm.stop()
+            self.nm = None
+            log.info("not following NetworkManager ([networkmanager] enabled = false)")
+            self.engine.set_network(NmFacts(), "stopped following NetworkManager")
+
+    async def _refresh_nm(self) -> None:
+        if self.nm is not None:
+            await self.nm.refresh()
+
     async def reload(self) -> int:
         """Re-read the config and CIDR files; raises ConfigError (running state kept) when bad.
         Returns the engine ticket of the pass that applies it."""
@@ -103,6 +122,7 @@ class Daemon:
         if self.core is not None:
             await self.core.reload(config)  # ConfigError here: the running core is untouched
         log.info("config reloaded from %s", path)
+        await self._follow_nm(config.networkmanager.enabled)
         ticket = self.control.use_config(config)
         gc.freeze()  # see run()
         return ticket
@@ -126,6 +146,8 @@ class Daemon:
         self.bus = await bus_service.start(self.control)
         # Subscribe before the first read so no change between the two is missed.
         await self.monitor.start()
+        # Before the first pass, so a restart keeps the links NetworkManager's policies hold.
+        await self._follow_nm(self.engine.config.networkmanager.enabled)
         self.nft_watch.start()
         self.engine.start()
         status = await self.engine.reconcile("startup")
@@ -143,6 +165,8 @@ class Daemon:
         if self.bus:
             self.bus.close()
         await self.monitor.stop()
+        if self.nm is not None:
+            await self.nm.stop()
         self.nft_watch.pause()
         await self.engine.stop(remove=True)
         if self.core is not None:

@@ -60,12 +60,17 @@ def compute_desired(
     enabled: bool,
     facts: Facts,
     bypass: AddressSet,
+    standby: bool = False,
 ) -> DesiredState:
     """Links are put in the sets whether or not they exist yet: the sets match by name, so a
-    link that appears later is proxied from its first packet, with no race."""
+    link that appears later is proxied from its first packet, with no race.
+
+    `standby`: keep the table (and the core) with empty link sets when no link is proxied,
+    because links are expected to come and go (NetworkManager policies): each would otherwise
+    rebuild the whole table and start the core, and traffic would go direct meanwhile."""
     present = facts.link_names
     active = tuple(sorted(name for name in links if name in present))
-    if not enabled or not links:
+    if not enabled or not (links or standby):
         return DesiredState(nft=None, routing=RoutingState(), active_links=())
     nft = NftState(
         settings=config.tproxy,

@@ -17,7 +17,8 @@ from typing import Protocol
 
 from .desired import bypass_set, compute_desired, service_state, with_core
 from .errors import KernelError
-from .model import Config, CoreStatus, DesiredState, Facts, LinkMode, NftState, RoutingState, ServiceState
+from .model import Config, CoreStatus, DesiredState, Facts, LinkMode, NftState, NmFacts, RoutingState, ServiceState
+from .nm_policy import PolicyHold, effective_links, policy_holds, prune_suppressed
 from .rules.nft import SetChange, element_changes
 from .rules.routing import build_routing
 
@@ -92,7 +93,12 @@ class Engine:
         self._listeners: list[Callable[[EngineStatus], None]] = []
         self._config = config
         self._bypass = bypass_set(config)
-        self._links: dict[str, LinkMode] = dict(config.links)
+        # The manual choices: ifname -> mode, None = auto (lan on a shared NM connection, else host).
+        self._links: dict[str, LinkMode | None] = dict(config.links)
+        # NetworkManager facts (monitors/networkmanager.py) and the policy holds switched off by
+        # DisableLink: with the choices, the input of nm_policy.effective_links (pure).
+        self._nm = NmFacts()
+        self._suppressed: frozenset[tuple[str, str]] = frozenset()
         self._enabled = True
         self._applied = _Applied()
         self._nft_drift = False
@@ -116,7 +122,14 @@ class Engine:
 
     @property
     def links(self) -> Mapping[str, LinkMode]:
-        return dict(self._links)
+        """Every link to proxy, with its mode: the manual choices (auto resolved) and the links
+        a [[networkmanager.auto]] policy holds."""
+        return effective_links(self._links, self._config.networkmanager, self._nm, self._suppressed)
+
+    def policy_holds(self) -> dict[str, PolicyHold]:
+        """Links proxied by a [[networkmanager.auto]] policy right now (manual choices aside)."""
+        holds = policy_holds(self._config.networkmanager, self._nm, self._suppressed)
+        return {name: hold for name, hold in holds.items() if name not in self._links}
 
     @property
     def enabled(self) -> bool:
@@ -131,9 +144,30 @@ class Engine:
         self._bypass = bypass_set(config)
         return self.request("config changed")
 
-    def set_links(self, links: Mapping[str, LinkMode]) -> int:
+    def set_links(self, links: Mapping[str, LinkMode | None]) -> int:
+        """The manual choices; None is auto."""
         self._links = dict(links)
         return self.request("links changed")
+
+    def set_network(self, nm: NmFacts, reason: str) -> int:
+        """New NetworkManager facts: one request (only set elements change when only links do)."""
+        before = self.policy_holds()
+        self._nm = nm
+        self._suppressed = prune_suppressed(self._suppressed, nm)
+        _log_holds(before, self.policy_holds())
+        return self.request(reason)
+
+    def suppress_policy(self, ifname: str) -> bool:
+        """DisableLink of a link a policy holds: off until its connection leaves the link. False
+        when no policy holds it."""
+        hold = self.policy_holds().get(ifname)
+        if hold is None:
+            return False
+        self._suppressed |= {(ifname, hold.connection.uuid)}
+        return True
+
+    def unsuppress_policy(self, ifname: str) -> None:
+        self._suppressed = frozenset(s for s in self._suppressed if s[0] != ifname)
 
     def set_enabled(self, enabled: bool) -> int:
         self._enabled = enabled
@@ -205,7 +239,9 @@ class Engine:
                 EngineStatus(ServiceState.FAILED, (), f"reading network state failed: {e}", self.status.core_state)
             )
             return
-        desired = compute_desired(self._config, self._links, self._enabled, facts, self._bypass)
+        nm = self._config.networkmanager
+        standby = nm.enabled and bool(nm.auto)  # policy links come and go: keep the table armed
+        desired = compute_desired(self._config, self.links, self._enabled, facts, self._bypass, standby)
         wanted = desired.nft is not None
         core = await self._drive_core(wanted)
         policy = self._config.tproxy.failure_policy
@@ -301,3 +337,19 @@ class Engine:
                 )
             )
             self._applied = _Applied(known=True)
+
+
+def _log_holds(before: Mapping[str, PolicyHold], after: Mapping[str, PolicyHold]) -> None:
+    """Say why a link starts or stops being proxied without anyone asking for it."""
+    for name in sorted(before.keys() - after.keys()):
+        log.info("%s: released (connection %r left it)", name, before[name].connection.id)
+    for name, hold in sorted(after.items()):
+        prev = before.get(name)
+        if prev is None or (prev.mode, prev.connection.uuid) != (hold.mode, hold.connection.uuid):
+            log.info(
+                "%s: proxied as %s while connection %r is on it (networkmanager.auto[%d])",
+                name,
+                hold.mode,
+                hold.connection.id,
+                hold.entry,
+            )

@@ -6,7 +6,7 @@ import pytest
 
 from tproxy_service.config import load_config, parse_config
 from tproxy_service.errors import ConfigError
-from tproxy_service.model import FailurePolicy, LinkMode
+from tproxy_service.model import AutoPolicy, FailurePolicy, LinkMode
 
 FULL = """\
 state_dir = "state"
@@ -36,6 +36,20 @@ wlan0 = "host"
 
 [core]
 [networkmanager]
+enabled = true
+
+[[networkmanager.auto]]
+id = "Cafe Wi-Fi"
+mode = "host"
+
+[[networkmanager.auto]]
+shared = true
+mode = "lan"
+
+[[networkmanager.auto]]
+uuid = "7B67D72D-71D7-4E11-8689-37A752D5F460"
+type = "wifi"
+mode = "auto"
 """
 
 
@@ -49,6 +63,12 @@ def test_full_config(tmp_path: Path) -> None:
     assert c.links == {"wlan0": LinkMode.HOST, "br-lan": LinkMode.LAN, "usb0": LinkMode.BOTH}
     assert len(c.user_bypass.v4) == 2 and len(c.user_bypass.v6) == 1
     assert c.bypass.files == (tmp_path / "list.txt",)
+    assert c.networkmanager.enabled
+    assert c.networkmanager.auto == (
+        AutoPolicy(LinkMode.HOST, id="Cafe Wi-Fi"),
+        AutoPolicy(LinkMode.LAN, shared=True),
+        AutoPolicy(None, uuid="7b67d72d-71d7-4e11-8689-37a752d5f460", type="wifi"),  # auto; uuid lowercased
+    )
 
 
 def test_defaults() -> None:
@@ -56,6 +76,13 @@ def test_defaults() -> None:
     assert (c.tproxy.port, c.tproxy.mark, c.tproxy.core_mark, c.tproxy.route_table) == (12345, 1, 255, 100)
     assert c.tproxy.ipv6 and c.tproxy.udp and c.tproxy.dns_hijack and c.bypass.reserved
     assert c.links == {}
+    assert c.networkmanager.enabled and c.networkmanager.auto == ()
+
+
+def test_networkmanager_inline_entries_and_off_switch() -> None:
+    c = parse_config('[networkmanager]\nenabled = false\nauto = [{ type = "ethernet", mode = "both" }]\n')
+    assert not c.networkmanager.enabled
+    assert c.networkmanager.auto == (AutoPolicy(LinkMode.BOTH, type="ethernet"),)
 
 
 @pytest.mark.parametrize(
@@ -81,6 +108,39 @@ def test_defaults() -> None:
         ("[links]\neth0 = 1\n", r"c\.toml:2: links\.eth0: mode must be a string"),
         ("links = 3\n", r"c\.toml:1: links: must be a table"),
         ("[tproxy\nport = 1\n", r"c\.toml: invalid TOML"),
+        ("networkmanager = 1\n", r"c\.toml:1: networkmanager: must be a table"),
+        ("[networkmanager]\nenabled = 1\n", r"c\.toml:2: networkmanager\.enabled: must be true or false, got 1"),
+        (
+            "[networkmanager]\nfollow = true\n",
+            r"c\.toml:2: networkmanager\.follow: unknown key \(known: auto, enabled\)",
+        ),
+        ("[networkmanager]\nauto = 3\n", r"c\.toml:2: networkmanager\.auto: must be an array of tables"),
+        ('[networkmanager.auto]\nid = "x"\n', r"c\.toml:1: networkmanager\.auto: must be an array of tables"),
+        (
+            '[[networkmanager.auto]]\nid = "a"\nmode = "lan"\n\n[[networkmanager.auto]]\nid = "b"\nmode = "proxy"\n',
+            r"c\.toml:7: networkmanager\.auto\[1\]\.mode: no such mode 'proxy': use 'host', 'lan', 'both', 'auto'",
+        ),
+        ('[[networkmanager.auto]]\nid = "a"\n', r"c\.toml:1: networkmanager\.auto\[0\]: needs a mode"),
+        ('[[networkmanager.auto]]\nmode = "lan"\n', r"c\.toml:1: networkmanager\.auto\[0\]: needs at least one of id"),
+        ('[[networkmanager.auto]]\nid = ""\nmode = "lan"\n', r"c\.toml:2: networkmanager\.auto\[0\]\.id: must be a"),
+        (
+            '[[networkmanager.auto]]\nuuid = "nope"\nmode = "lan"\n',
+            r"c\.toml:2: networkmanager\.auto\[0\]\.uuid: must be a",
+        ),
+        (
+            '[[networkmanager.auto]]\ntype = "wlan"\nmode = "host"\n',
+            r"c\.toml:2: networkmanager\.auto\[0\]\.type: unknown device type 'wlan' \(known: .*wifi",
+        ),
+        ('[[networkmanager.auto]]\ntype = "loopback"\nmode = "host"\n', r"auto\[0\]\.type: unknown device type"),
+        (
+            '[[networkmanager.auto]]\nshared = "yes"\nmode = "lan"\n',
+            r"c\.toml:2: networkmanager\.auto\[0\]\.shared: must be",
+        ),
+        (
+            '[[networkmanager.auto]]\nssid = "x"\nmode = "lan"\n',
+            r"c\.toml:2: networkmanager\.auto\[0\]\.ssid: unknown key",
+        ),
+        ('[networkmanager]\n\nauto = [{ id = "a" }]\n', r"c\.toml:3: networkmanager\.auto\[0\]: needs a mode"),
     ],
 )
 def test_errors_name_key_and_line(tmp_path: Path, text: str, expected: str) -> None:

@@ -100,7 +100,12 @@ METHODS_BY_NAME = {m.name: m for m in METHODS}
 PROPERTIES: tuple[PropertySpec, ...] = (
     PropertySpec("Enabled", "b", "The master switch (SetEnabled)."),
     PropertySpec("Links", "a{ss}", "Configured links: ifname -> mode ('host', 'lan', 'both', '' = auto)."),
-    PropertySpec("ActiveLinks", "as", "Configured links that are present, with their rules in place."),
+    PropertySpec(
+        "ActiveLinks",
+        "as",
+        "Links that are present with their rules in place: the configured ones and those a "
+        "[[networkmanager.auto]] policy proxies.",
+    ),
     PropertySpec(
         "State",
         "s",

@@ -45,12 +45,46 @@ def _ours(pid: int) -> bool:
     return pid == os.getpid() or os.path.exists(f"/proc/self/task/{pid}")
 
 
+def _own_portids() -> set[int]:
+    """The netlink port ids of our own sockets (libnftables' included).
+
+    The kernel reports the committing task's PID as the *initial* PID namespace sees it, so in
+    a container (a PID namespace with its own /proc) `_ours` never recognizes us; the NEWGEN
+    message's header carries the committing socket's port id, which is namespace-proof."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    portids = set()
+    try:
+        with open("/proc/self/net/netlink") as table:
+            next(table, None)  # header: sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
+            for line in table:
+                fields = line.split()
+                if len(fields) >= 10 and int(fields[9]) in inodes:
+                    portids.add(int(fields[2]))
+    except OSError:
+        pass
+    return portids
+
+
 class NftDriftWatch:
     def __init__(self, table: str, on_drift: Callable[[str], None]) -> None:
         self._table = table.encode() + b"\0"
         self._on_drift = on_drift
         self._sock: socket.socket | None = None
         self._touched = False
+        self._portids: set[int] = set()  # cache of _own_portids(), refreshed on a miss
+
+    def _from_us(self, pid: int, portid: int) -> bool:
+        if _ours(pid) or (portid and portid in self._portids):
+            return True
+        self._portids = _own_portids()
+        return portid != 0 and portid in self._portids  # 0: the kernel's own
 
     def start(self) -> None:
         if self._sock is not None:
@@ -91,7 +125,7 @@ class NftDriftWatch:
     def _parse(self, buf: bytes) -> None:
         offset = 0
         while offset + _HDR.size + 4 <= len(buf):
-            length, msg_type, _flags, _seq, _pid = _HDR.unpack_from(buf, offset)
+            length, msg_type, _flags, _seq, portid = _HDR.unpack_from(buf, offset)
             if length < _HDR.size:
                 return
             if msg_type >> 8 == NFNL_SUBSYS_NFTABLES:
@@ -100,7 +134,7 @@ class NftDriftWatch:
                 if msg_type & 0xFF == NFT_MSG_NEWGEN:
                     pid_raw = attrs.get(NFTA_GEN_PROC_PID)
                     pid = struct.unpack("!I", pid_raw)[0] if pid_raw and len(pid_raw) == 4 else 0
-                    if self._touched and not _ours(pid):
+                    if self._touched and not self._from_us(pid, portid):
                         self._on_drift(f"table changed by pid {pid}")
                     self._touched = False
                 elif family == NFPROTO_INET and attrs.get(NFTA_TABLE_NAME_ATTR) == self._table:

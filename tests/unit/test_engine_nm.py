@@ -1,0 +1,154 @@
+"""The engine and Control with NetworkManager facts (fake adapters): a connection coming or
+going is a set-element update, never a table rebuild; DisableLink of a policy-held link; Reapply
+re-reads NetworkManager first."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from tproxy_service.control import Control
+from tproxy_service.engine import Engine
+from tproxy_service.model import (
+    AutoPolicy,
+    Config,
+    LinkFact,
+    LinkMode,
+    NetworkManagerSettings,
+    NmConnection,
+    NmFacts,
+    ServiceState,
+)
+from tproxy_service.state_store import StateStore
+
+from .test_engine import FakeFacts, FakeNft, FakeRouting, run
+
+CAFE = NmConnection("wlan0", "wifi", "Cafe", "11111111-1111-1111-1111-111111111111", shared=False)
+HOTSPOT = NmConnection("wlan0", "wifi", "Hotspot", "22222222-2222-2222-2222-222222222222", shared=True)
+POLICIES = NetworkManagerSettings(auto=(AutoPolicy(LinkMode.HOST, id="Cafe"), AutoPolicy(None, shared=True)))
+
+
+def make(links: dict[str, LinkMode] | None = None) -> tuple[Engine, FakeNft, FakeFacts]:
+    nft, facts = FakeNft(), FakeFacts()
+    facts.facts = dataclasses.replace(facts.facts, links=(*facts.facts.links, LinkFact("wlan0", 3, True)))
+    engine = Engine(Config(links=links or {}, networkmanager=POLICIES), nft, FakeRouting(), facts)
+    return engine, nft, facts
+
+
+def up(*connections: NmConnection) -> NmFacts:
+    return NmFacts(running=True, connections=connections)
+
+
+def test_connections_coming_and_going_are_element_updates() -> None:
+    async def body() -> None:
+        engine, nft, _ = make()
+        engine.start()
+        status = await engine.reconcile("startup")
+        # Policies configured: the table is armed with empty link sets, so a connection never
+        # costs a rebuild.
+        assert nft.calls == ["replace"] and nft.table is not None and not nft.table.host_links
+        assert status.state is ServiceState.ACTIVE and status.active_links == ()
+
+        status = await engine.wait_for(engine.set_network(up(CAFE), "cafe up"))
+        assert status.active_links == ("wlan0",)
+        status = await engine.wait_for(engine.set_network(up(), "cafe down"))
+        assert status.active_links == ()
+        status = await engine.wait_for(engine.set_network(up(HOTSPOT), "hotspot up"))
+        assert status.active_links == ("wlan0",) and engine.links == {"wlan0": LinkMode.LAN}
+        assert nft.calls == ["replace", "elements:host_links", "elements:host_links", "elements:lan_links"]
+        # The same facts again: no kernel work at all.
+        await engine.wait_for(engine.set_network(up(HOTSPOT), "again"))
+        assert len(nft.calls) == 4
+        await engine.stop()
+
+    run(body)
+
+
+def test_without_policies_or_links_there_is_no_table() -> None:
+    async def body() -> None:
+        nft = FakeNft()
+        engine = Engine(Config(), nft, FakeRouting(), FakeFacts())
+        engine.start()
+        status = await engine.reconcile("startup")
+        assert status.state is ServiceState.OFF and nft.table is None
+        await engine.stop()
+
+    run(body)
+
+
+def test_auto_choice_follows_the_connection_on_the_link() -> None:
+    async def body() -> None:
+        engine, nft, _ = make()
+        engine.start()
+        await engine.wait_for(engine.set_links({"wlan0": None}))
+        assert engine.links == {"wlan0": LinkMode.HOST}
+        await engine.wait_for(engine.set_network(up(HOTSPOT), "hotspot up"))
+        assert engine.links == {"wlan0": LinkMode.LAN}
+        assert nft.calls[-1] == "elements:host_links,lan_links"  # moved from one set to the other
+        await engine.stop()
+
+    run(body)
+
+
+def control_for(engine: Engine, tmp_path: Path, refreshed: list[str] | None = None) -> Control:
+    async def reload() -> int:
+        return engine.request("reload")
+
+    async def refresh() -> None:
+        if refreshed is not None:
+            refreshed.append("refresh")
+
+    return Control(engine, StateStore(tmp_path), reload, refresh)
+
+
+def test_disable_of_a_policy_link_lasts_until_its_connection_leaves(tmp_path: Path) -> None:
+    async def body() -> None:
+        engine, _nft, _ = make()
+        control = control_for(engine, tmp_path)
+        control.restore()
+        engine.start()
+        await engine.wait_for(engine.set_network(up(CAFE), "cafe up"))
+        assert engine.status.active_links == ("wlan0",)
+        assert control.links == {}  # `Links` shows manual choices only
+
+        await control.disable_link("wlan0")
+        assert engine.status.active_links == () and "wlan0" not in engine.links
+        assert not (tmp_path / "state.json").exists()  # nothing to save: not a choice, a pause
+
+        await engine.wait_for(engine.set_network(up(CAFE), "a signal that changes nothing"))
+        assert engine.status.active_links == ()
+        await engine.wait_for(engine.set_network(up(), "cafe down"))
+        await engine.wait_for(engine.set_network(up(CAFE), "cafe up again"))
+        assert engine.status.active_links == ("wlan0",)
+        await engine.stop()
+
+    run(body)
+
+
+def test_manual_choice_stays_when_its_connection_leaves(tmp_path: Path) -> None:
+    async def body() -> None:
+        engine, _nft, _ = make()
+        control = control_for(engine, tmp_path)
+        control.restore()
+        engine.start()
+        await engine.wait_for(engine.set_network(up(CAFE), "cafe up"))
+        await control.enable_link("wlan0", "both")
+        await engine.wait_for(engine.set_network(up(), "cafe down"))
+        assert engine.links == {"wlan0": LinkMode.BOTH} and control.links == {"wlan0": "both"}
+        await engine.stop()
+
+    run(body)
+
+
+def test_reapply_refreshes_networkmanager_facts_first(tmp_path: Path) -> None:
+    async def body() -> None:
+        engine, _nft, _ = make()
+        refreshed: list[str] = []
+        control = control_for(engine, tmp_path, refreshed)
+        control.restore()
+        engine.start()
+        await control.reapply()
+        assert refreshed == ["refresh"]
+        await engine.stop()
+
+    run(body)
