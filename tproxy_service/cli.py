@@ -195,14 +195,20 @@ def format_status(props: dict[str, Any]) -> str:
         "",
     ]
     links: dict[str, str] = props["Links"]
-    if not links:
+    # Links a [[networkmanager.auto]] policy proxies are active without being configured.
+    by_policy = sorted(set(props["ActiveLinks"]) - set(links))
+    if not links and not by_policy:
         lines.append("No links configured (tproxyctl enable IFNAME).")
         return "\n".join(lines)
-    width = max(len("LINK"), *(len(name) for name in links))
-    lines.append(f"{'LINK':<{width}}  MODE  ACTIVE")
-    for name, mode in sorted(links.items()):
-        active = "yes" if name in props["ActiveLinks"] else "no"
-        lines.append(f"{name:<{width}}  {_mode_text(mode):<4}  {active}")
+    rows = [
+        (name, _mode_text(mode), "yes" if name in props["ActiveLinks"] else "no")
+        for name, mode in sorted(links.items())
+    ]
+    rows += [(name, "policy", "yes") for name in by_policy]
+    width = max(len("LINK"), *(len(name) for name, _, _ in rows))
+    mode_width = max(len("MODE"), *(len(mode) for _, mode, _ in rows))
+    lines.append(f"{'LINK':<{width}}  {'MODE':<{mode_width}}  ACTIVE")
+    lines += [f"{name:<{width}}  {mode:<{mode_width}}  {active}" for name, mode, active in rows]
     return "\n".join(lines)
 
 

@@ -25,7 +25,16 @@ def test_status_table() -> None:
         "usb0    auto  no",
         "wlan0   host  yes",
     ]
-    assert "No links configured" in cli.format_status({**PROPS, "Links": {}})
+    assert "No links configured" in cli.format_status({**PROPS, "Links": {}, "ActiveLinks": []})
+
+
+def test_status_lists_links_a_networkmanager_policy_proxies() -> None:
+    props = {**PROPS, "Links": {"wlan0": "host"}, "ActiveLinks": ["wlan0", "wlp0s1"]}
+    assert cli.format_status(props).splitlines()[-3:] == [
+        "LINK    MODE    ACTIVE",
+        "wlan0   host    yes",
+        "wlp0s1  policy  yes",
+    ]
 
 
 def test_change_lines() -> None:
