@@ -40,6 +40,8 @@ ITEM_XML = f"""<node><interface name="{ITEM_IFACE}">
   <property name="OverlayIconName" type="s" access="read"/>
   <property name="AttentionIconName" type="s" access="read"/>
   <property name="ToolTip" type="(sa(iiay)ss)" access="read"/>
+  <property name="IconAccessibleDesc" type="s" access="read"/>
+  <property name="AttentionAccessibleDesc" type="s" access="read"/>
   <property name="ItemIsMenu" type="b" access="read"/>
   <property name="Menu" type="o" access="read"/>
   <method name="ContextMenu"><arg name="x" type="i" direction="in"/><arg name="y" type="i" direction="in"/></method>
@@ -232,6 +234,10 @@ class Tray:
             "OverlayIconName": GLib.Variant("s", ""),
             "AttentionIconName": GLib.Variant("s", view["icon"]),
             "ToolTip": GLib.Variant("(sa(iiay)ss)", (view["icon"], [], view["headerTitle"], view["status"])),
+            # Ayatana's accessibility extensions: GNOME's AppIndicator extension reads them and
+            # logs a JS ERROR when an item lacks them.
+            "IconAccessibleDesc": GLib.Variant("s", f"{view['headerTitle']}: {view['status']}"),
+            "AttentionAccessibleDesc": GLib.Variant("s", f"{view['headerTitle']}: {view['status']}"),
             "ItemIsMenu": GLib.Variant("b", False),
             "Menu": GLib.Variant("o", MENU_PATH),
         }
