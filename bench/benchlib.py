@@ -6,6 +6,7 @@ parent deletes its namespaces in `finally` blocks, even when a worker fails."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,3 +300,27 @@ def print_report(report: Report) -> None:
 def goal_table(goals: Sequence[Goal]) -> str:
     rows = [[g.name, g.target, g.measured, "met" if g.met else "**missed**"] for g in goals]
     return table(["goal", "target", "measured", "verdict"], rows)
+
+
+# --- entry point ----------------------------------------------------------------------------------
+
+
+def bench_main(
+    argv: Sequence[str],
+    parse_args: Callable[[Sequence[str]], argparse.Namespace],
+    run: Callable[[argparse.Namespace], Report],
+    worker: Callable[[dict[str, Any]], Any] | None = None,
+) -> int:
+    """A benchmark script's `main`. Started as `--worker JSON` (by `run_worker`, inside a namespace),
+    it runs `worker` on those parameters and prints the result as its last stdout line (`emit`).
+    Otherwise it is the parent: it needs root, turns SIGTERM into SystemExit (so every namespace
+    is deleted) and prints the report of `run(parse_args(argv))`."""
+    if worker is not None:
+        params = worker_main(argv)
+        if params is not None:
+            emit(worker(params))
+            return 0
+    require_root()
+    terminate_on_sigterm()
+    print_report(run(parse_args(argv)))
+    return 0

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import Goal, Report, log, ms, print_report, require_root, table, terminate_on_sigterm
+from benchlib import Goal, Report, bench_main, log, ms, require_root, table
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
@@ -841,16 +841,13 @@ Each kill comes 0.3 s + a random 0-250 ms after the previous recovery (see the R
     return Report("Core start and recovery (issue 4)", body, goals)
 
 
+def _worker(params: dict[str, Any]) -> dict[str, Any]:
+    """`--worker PARAMS`: the prober (client namespace) or the listen watch (gateway namespace)."""
+    return asyncio.run(_probe(params)) if params["mode"] == "probe" else _watch(params)
+
+
 def main(argv: Sequence[str]) -> int:
-    if argv and argv[0] == "--worker":
-        params = json.loads(argv[1])
-        result = asyncio.run(_probe(params)) if params["mode"] == "probe" else _watch(params)
-        print(json.dumps(result), flush=True)
-        return 0
-    require_root()
-    terminate_on_sigterm()
-    print_report(run(parse_args(argv)))
-    return 0
+    return bench_main(argv, parse_args, run, _worker)
 
 
 if __name__ == "__main__":

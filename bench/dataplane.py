@@ -36,17 +36,15 @@ from benchlib import (
     Daemon,
     Goal,
     Report,
+    bench_main,
     bypass_lines,
     in_ns,
     log,
     netns,
-    print_report,
     ratio,
-    require_root,
     sh,
     summarize,
     table,
-    terminate_on_sigterm,
     write_config,
 )
 
@@ -272,10 +270,7 @@ def render(results: dict[str, list[float]], args: argparse.Namespace) -> Report:
 
 
 def main(argv: Sequence[str]) -> int:
-    require_root()
-    terminate_on_sigterm()
-    print_report(run(parse_args(argv)))
-    return 0
+    return bench_main(argv, parse_args, run)
 
 
 if __name__ == "__main__":

@@ -32,20 +32,16 @@ from typing import Any
 from benchlib import (
     Goal,
     Report,
+    bench_main,
     bench_state,
     bypass_lines,
-    emit,
     log,
     ms,
     netns,
-    print_report,
     ratio,
-    require_root,
     run_worker,
     summarize,
     table,
-    terminate_on_sigterm,
-    worker_main,
 )
 
 GOAL = 1.2
@@ -242,14 +238,7 @@ def explain(r: dict[str, Any], label: str) -> list[str]:
 
 
 def main(argv: Sequence[str]) -> int:
-    params = worker_main(argv)
-    if params is not None:
-        emit(worker(params))
-        return 0
-    require_root()
-    terminate_on_sigterm()
-    print_report(run(parse_args(argv)))
-    return 0
+    return bench_main(argv, parse_args, run, worker)
 
 
 if __name__ == "__main__":

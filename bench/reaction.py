@@ -31,20 +31,16 @@ from benchlib import (
     Daemon,
     Goal,
     Report,
+    bench_main,
     bypass_lines,
-    emit,
     log,
     ms,
     netns,
-    print_report,
     ratio,
-    require_root,
     run_worker,
     sh,
     summarize,
     table,
-    terminate_on_sigterm,
-    worker_main,
     write_config,
 )
 
@@ -264,14 +260,7 @@ def render(result: dict[str, Any], args: argparse.Namespace, ready: float) -> Re
 
 
 def main(argv: Sequence[str]) -> int:
-    params = worker_main(argv)
-    if params is not None:
-        emit(worker(params))
-        return 0
-    require_root()
-    terminate_on_sigterm()
-    print_report(run(parse_args(argv)))
-    return 0
+    return bench_main(argv, parse_args, run, worker)
 
 
 if __name__ == "__main__":

@@ -25,20 +25,16 @@ from typing import Any
 from benchlib import (
     Goal,
     Report,
+    bench_main,
     bench_state,
     bypass_lines,
-    emit,
     log,
     ms,
     netns,
-    print_report,
     ratio,
-    require_root,
     run_worker,
     summarize,
     table,
-    terminate_on_sigterm,
-    worker_main,
 )
 
 GOAL_MS = 2.0
@@ -231,14 +227,7 @@ def kind_goals(what: str, size: int, p50: float, p50_empty: float) -> list[Goal]
 
 
 def main(argv: Sequence[str]) -> int:
-    params = worker_main(argv)
-    if params is not None:
-        emit(worker(params))
-        return 0
-    require_root()
-    terminate_on_sigterm()
-    print_report(run(parse_args(argv)))
-    return 0
+    return bench_main(argv, parse_args, run, worker)
 
 
 if __name__ == "__main__":

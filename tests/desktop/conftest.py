@@ -11,11 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests import support
 from tests.integration import harness as h
 
 if TYPE_CHECKING:
@@ -53,18 +52,16 @@ def output_dir() -> Path:
 
 
 def tpg_workdir() -> Path:
-    path = Path(tempfile.mkdtemp(prefix="tpg-"))
-    path.chmod(0o755)
-    return path
+    return h.new_workdir("tpg-")
 
 
 def _missing_prerequisite() -> str | None:
     if os.geteuid() != 0:
         return "needs root (network namespaces, polkitd, setpriv)"
-    for tool in ("gnome-shell", "gjs", "gsettings", "dbus-daemon", "busctl", "setpriv", "nft", "ip", "Xvfb",
-                 "xdotool", "import", "v2ray"):  # fmt: skip
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (make deps)"
+    tools = ("gnome-shell", "gjs", "gsettings", "dbus-daemon", "busctl", "setpriv", "nft", "ip", "Xvfb", "xdotool",
+             "import", "v2ray")  # fmt: skip
+    if missing := support.missing_tool(*tools):
+        return missing
     if not h.POLKITD.exists():
         return f"{h.POLKITD} is missing (polkitd package; make deps)"
     try:
@@ -79,43 +76,21 @@ def _missing_prerequisite() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def prerequisites() -> None:
-    missing = _missing_prerequisite()
-    if missing:
-        pytest.skip(missing)
+prerequisites = support.prerequisites_fixture(_missing_prerequisite)
 
 
 CREATED_NAMESPACES: set[str] = set()  # this session's (another run may have its own tpg- ones)
 
 
-def _netns() -> set[str]:
-    out = subprocess.run(["ip", "-j", "netns", "list"], capture_output=True, text=True).stdout.strip()
-    return {entry["name"] for entry in json.loads(out or "[]")}
-
-
 @pytest.fixture(scope="module", autouse=True)
 def machine_unchanged() -> Iterator[None]:
-    """Per module (other tiers may run in the same session): the main namespace's ruleset, links
-    and rules and /dev/null are as before, and no namespace of ours is left."""
-
-    def snapshot() -> dict[str, str]:
-        def out(*args: str) -> str:
-            return subprocess.run(list(args), capture_output=True, text=True).stdout
-
-        return {
-            "ruleset": out("nft", "list", "ruleset"),
-            "rules": out("ip", "rule") + out("ip", "-6", "rule"),
-            "links": out("ip", "-o", "link"),
-            "/dev/null": oct(os.stat("/dev/null").st_mode),
-        }
-
-    before = snapshot()
+    """Per module (other tiers may run in the same session): the main namespace (ruleset, links,
+    addresses, routes, rules) and /dev/null are as before, and no namespace of ours is left."""
+    before = support.main_namespace_snapshot()
     yield
-    after = snapshot()
-    changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
-    assert not changed, f"the desktop tests changed the machine: {changed}"
-    left = CREATED_NAMESPACES & _netns()
+    changed = support.snapshot_changes(before, support.main_namespace_snapshot())
+    assert not changed, "the desktop tests changed the machine:\n" + "\n".join(changed)
+    left = CREATED_NAMESPACES & set(support.netns_list())
     assert not left, f"namespaces left behind: {sorted(left)}"
 
 
@@ -205,26 +180,12 @@ MakeDaemon = Callable[..., h.Tproxyd]
 
 @contextlib.contextmanager
 def _daemon_in_tpg_netns(bus: h.PrivateBus, links: dict[str, str], core_down: str | None) -> Iterator[h.Tproxyd]:
-    workdir = tpg_workdir()
-    netns = h.Netns()
-    netns.name = f"tpg-{secrets.token_hex(4)}"
+    netns = h.Netns("tpg-")
     CREATED_NAMESPACES.add(netns.name)
-    daemon = h.Tproxyd(workdir, netns, bus)
-    try:
-        netns.create()
+    with h.daemon_in_netns(bus, links, netns=netns) as daemon:
         if core_down:
             core_down_config(daemon, links, core_down)
-        else:
-            daemon.write_config(links)
         yield daemon
-    finally:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            h.stop_pid(daemon.proc)
-        netns.delete()
-        if os.environ.get("TPD_KEEP_LOGS"):
-            print(f"tproxyd log kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -95,13 +94,7 @@ def desktop(desktop_stack: DesktopStack) -> Iterator[Desktop]:
         yield d
     finally:
         for proc in reversed(d.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+            h.stop_pid(proc)
         bus.stop()
         if os.environ.get("TPD_KEEP_LOGS"):
             print(f"desktop logs kept in {workdir}")
@@ -363,9 +356,4 @@ def test_tray_in_gnome_shell_with_the_appindicator_extension(
             raise AssertionError(f"the host shows {menu_labels()}, expected {expected_labels()}") from None
         assert shell.js_errors() == []
     finally:
-        app.send_signal(signal.SIGTERM)
-        try:
-            app.wait(10)
-        except subprocess.TimeoutExpired:
-            app.kill()
-            app.wait(5)
+        h.stop_pid(app)

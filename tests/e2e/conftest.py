@@ -4,12 +4,13 @@ nothing outside our namespaces, and nothing of other people's inside them, chang
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests import support
 
 from . import harness as h
 
@@ -25,9 +26,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def _missing_prerequisite() -> str | None:
     if os.geteuid() != 0:
         return "needs root (network namespaces, nftables)"
-    for tool in ("ip", "nft", "ss", "curl", "sysctl", h.V2RAY):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (make deps)"
+    if missing := support.missing_tool("ip", "nft", "ss", "curl", "sysctl", h.V2RAY):
+        return missing
     if not os.access(h.TPROXYD, os.X_OK):
         return f"{h.TPROXYD} is missing (make deps)"
     probe = subprocess.run(["ip", "netns", "add", "tpe-probe"], capture_output=True, text=True)
@@ -37,25 +37,18 @@ def _missing_prerequisite() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def prerequisites() -> None:
-    missing = _missing_prerequisite()
-    if missing:
-        pytest.skip(missing)
+prerequisites = support.prerequisites_fixture(_missing_prerequisite)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def main_namespace_unchanged(prerequisites: None) -> Iterator[None]:
     """The whole session must leave the main namespace (ruleset, links, addresses, routes, rules)
     and /dev/null as they were, and no `tpe-` namespace behind."""
-    before = h.main_namespace_snapshot()
+    before = support.main_namespace_snapshot()
     yield
-    after = h.main_namespace_snapshot()
-    changed = {key: (before[key], after[key]) for key in before if before[key] != after[key]}
-    assert not changed, "the test session changed the main namespace:\n" + "\n".join(
-        f"--- {key} before:\n{old}\n--- {key} after:\n{new}" for key, (old, new) in changed.items()
-    )
-    left = [ns for ns in h.netns_list() if ns.startswith("tpe-")]
+    changed = support.snapshot_changes(before, support.main_namespace_snapshot())
+    assert not changed, "the test session changed the main namespace:\n" + "\n".join(changed)
+    left = [ns for ns in support.netns_list() if ns.startswith("tpe-")]
     assert not left, f"namespaces left behind: {left}"
 
 

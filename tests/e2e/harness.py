@@ -21,13 +21,17 @@ import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
-T = TypeVar("T")
+# Shared with the other tiers; re-exported, since tests/nm, the demo and the benchmarks use them
+# as attributes of this module.
+from tests.support import main_namespace_snapshot as main_namespace_snapshot
+from tests.support import netns_list as netns_list
+from tests.support import run as run
+from tests.support import stop_process as stop_process
+from tests.support import wait_until as wait_until
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -97,41 +101,10 @@ def next_source_port() -> int:
 # --- processes and waiting ------------------------------------------------------------------------
 
 
-def run(
-    *args: str, check: bool = True, timeout: float = 30, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        list(args),
-        input=stdin,
-        stdin=None if stdin is not None else subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"command failed (rc {proc.returncode}): {' '.join(args)}\n"
-            f"stdout: {proc.stdout.strip()}\nstderr: {proc.stderr.strip()}"
-        )
-    return proc
-
-
 def in_ns(
     ns: str, *args: str, check: bool = True, timeout: float = 30, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     return run("ip", "netns", "exec", ns, *args, check=check, timeout=timeout, stdin=stdin)
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
-    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last value: {value!r})")
-        time.sleep(interval)
 
 
 def spawn(ns: str, args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -144,18 +117,6 @@ def spawn(ns: str, args: list[str], log: Path, env: dict[str, str] | None = None
             stderr=out,
             env=None if env is None else {**os.environ, **env},
         )
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:
-    """SIGTERM, then SIGKILL if it does not exit in time. Only ever used on our own children."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
-    return proc.returncode
 
 
 def listening(ns: str) -> set[tuple[str, str]]:
@@ -174,11 +135,6 @@ def wait_listening(ns: str, wanted: set[tuple[str, str]], what: str, timeout: fl
 
 
 # --- topology -----------------------------------------------------------------------------------
-
-
-def netns_list() -> list[str]:
-    out = run("ip", "-j", "netns", "list").stdout.strip()
-    return [entry["name"] for entry in json.loads(out or "[]")]
 
 
 def add_veth(ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
@@ -748,24 +704,3 @@ def install_foreign_tables(ns: str) -> None:
     for family, name in FOREIGN:
         in_ns(ns, "nft", "delete", "table", family, name, check=False)
     in_ns(ns, "nft", "-f", "-", stdin=FOREIGN_TABLES)
-
-
-# --- the main namespace must not change ------------------------------------------------------------
-
-_LIFETIMES = re.compile(r"(valid_lft|preferred_lft|expires) \S+")
-
-
-def main_namespace_snapshot() -> dict[str, str]:
-    """Everything of the main namespace the tests could conceivably disturb."""
-    commands = {
-        "nft ruleset": ["nft", "list", "ruleset"],
-        "links": ["ip", "-o", "link"],
-        "addresses": ["ip", "-o", "addr"],
-        "routes": ["ip", "route", "show", "table", "all"],
-        "routes6": ["ip", "-6", "route", "show", "table", "all"],
-        "rules": ["ip", "rule"],
-        "rules6": ["ip", "-6", "rule"],
-    }
-    snap = {name: _LIFETIMES.sub(r"\1 _", run(*cmd).stdout) for name, cmd in commands.items()}
-    snap["/dev/null mode"] = oct(os.stat("/dev/null").st_mode)
-    return snap

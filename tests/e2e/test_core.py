@@ -117,13 +117,7 @@ def core_stack(lab: h.Lab, tmp_path: Path) -> Iterator[CoreStack]:
         yield stack
     finally:
         for proc in stack.daemons:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            h.stop_process(proc, timeout=15)
         manager.stop()
         bus.stop()
         shutil.rmtree(bus_dir, ignore_errors=True)

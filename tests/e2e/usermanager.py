@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.support import stop_process
+
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
 
 _LAUNCH = r"""
@@ -103,12 +105,7 @@ class UserManager:
         """Stop every unit, then the manager (by our PID); remove its cgroups."""
         if self.proc is not None and self.proc.poll() is None:
             self.systemctl("stop", "default.target", "--no-block", check=False)
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, timeout=15)
         for cg in self.cgroups:
             _kill_and_remove_cgroup(cg)
 

@@ -4,15 +4,14 @@ namespace and tproxyd per test, and a check that the session left the machine as
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
-import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests import support
 
 from . import harness as h
 
@@ -20,9 +19,8 @@ from . import harness as h
 def _missing_prerequisite() -> str | None:
     if os.geteuid() != 0:
         return "needs root (network namespaces, polkitd, setpriv)"
-    for tool in ("dbus-daemon", "busctl", "setpriv", "unshare", "nft", "ip"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (make deps)"
+    if missing := support.missing_tool("dbus-daemon", "busctl", "setpriv", "unshare", "nft", "ip"):
+        return missing
     if not h.POLKITD.exists():
         return f"{h.POLKITD} is missing (polkitd package; make deps)"
     if not h.DEBIAN_POLKIT_BUS_POLICY.exists():
@@ -40,33 +38,16 @@ def _missing_prerequisite() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def prerequisites() -> None:
-    missing = _missing_prerequisite()
-    if missing:
-        pytest.skip(missing)
+prerequisites = support.prerequisites_fixture(_missing_prerequisite)
 
 
 def _snapshot() -> dict[str, str]:
-    def out(*args: str) -> str:
-        return subprocess.run(list(args), capture_output=True, text=True).stdout
-
-    return {
-        "ruleset": out("nft", "list", "ruleset"),
-        "rules4": out("ip", "-4", "rule"),
-        "rules6": out("ip", "-6", "rule"),
-        "routes": out("ip", "route", "show", "table", "all") + out("ip", "-6", "route", "show", "table", "all"),
-        "links": out("ip", "-o", "link"),
-        "addresses": out("ip", "-o", "addr"),
-        "/dev/null": oct(os.stat("/dev/null").st_mode),
-        "polkit dirs": out("ls", "-la", "/etc/polkit-1/rules.d", "/usr/share/polkit-1/actions"),
-        "mounts": "\n".join(line for line in Path("/proc/self/mounts").read_text().splitlines() if "polkit" in line),
-    }
-
-
-def _netns() -> list[str]:
-    out = subprocess.run(["ip", "-j", "netns", "list"], capture_output=True, text=True).stdout.strip()
-    return [entry["name"] for entry in json.loads(out or "[]")]
+    """The main namespace, /dev/null, polkit's real directories and the mounts that name polkit."""
+    snap = support.main_namespace_snapshot()
+    polkit_dirs = ("/etc/polkit-1/rules.d", "/usr/share/polkit-1/actions")
+    snap["polkit dirs"] = support.run("ls", "-la", *polkit_dirs, check=False).stdout
+    snap["mounts"] = "\n".join(line for line in Path("/proc/self/mounts").read_text().splitlines() if "polkit" in line)
+    return snap
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -74,14 +55,11 @@ def machine_unchanged(prerequisites: None) -> Iterator[None]:
     """The session must leave the main namespace, /dev/null, polkit's real directories and the
     mount table as they were, and no namespace of ours behind."""
     before = _snapshot()
-    ours_before = {ns for ns in _netns() if ns.startswith("tpd-")}
+    ours_before = {ns for ns in support.netns_list() if ns.startswith("tpd-")}
     yield
-    after = _snapshot()
-    changed = [key for key in before if before[key] != after[key]]
-    assert not changed, "the integration session changed the machine: " + "; ".join(
-        f"{key}:\n--- before\n{before[key]}\n--- after\n{after[key]}" for key in changed
-    )
-    left = {ns for ns in _netns() if ns.startswith("tpd-")} - ours_before
+    changed = support.snapshot_changes(before, _snapshot())
+    assert not changed, "the integration session changed the machine:\n" + "\n".join(changed)
+    left = {ns for ns in support.netns_list() if ns.startswith("tpd-")} - ours_before
     assert not left, f"namespaces left behind: {sorted(left)}"
 
 

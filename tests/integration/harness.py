@@ -17,18 +17,17 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from tests import support
+from tests.support import wait_until as wait_until  # re-exported: the D-Bus tiers call h.wait_until
 from tproxy_service.bus import names
-
-T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
@@ -72,39 +71,16 @@ EXAMPLE_RULES = REPO / "polkit" / "50-tproxyd.rules.example"
 
 
 def run(args: list[str], check: bool = True, timeout: float = 30, **kw: Any) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed (rc {proc.returncode}): {proc.stderr.strip()}")
-    return proc
+    """tests.support.run with the command as one list (env, cwd... go to subprocess.run)."""
+    return support.run(*args, check=check, timeout=timeout, **kw)
 
 
-def wait_until(predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.02) -> T:
-    """Poll until `predicate` returns something truthy; fail naming `what` after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {value!r})")
-        time.sleep(interval)
+stop_pid = support.stop_process  # SIGTERM, then SIGKILL; only ever called on our own children
 
 
-def stop_pid(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:
-    """SIGTERM, then SIGKILL. Only ever called on our own children."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
-    return proc.returncode
-
-
-def new_workdir() -> Path:
+def new_workdir(prefix: str = "tpd-") -> Path:
     """A directory every test user can traverse (pytest's tmp dirs are 0700 root)."""
-    path = Path(tempfile.mkdtemp(prefix="tpd-"))
+    path = Path(tempfile.mkdtemp(prefix=prefix))
     path.chmod(0o755)
     return path
 
@@ -318,8 +294,9 @@ class Polkit:
 
 
 class Netns:
-    def __init__(self) -> None:
-        self.name = f"tpd-{secrets.token_hex(4)}"
+    def __init__(self, prefix: str = "tpd-") -> None:
+        self.prefix = prefix
+        self.name = f"{prefix}{secrets.token_hex(4)}"
 
     def create(self) -> None:
         run(["ip", "netns", "add", self.name])
@@ -510,10 +487,13 @@ def stack() -> Iterator[Stack]:
 
 
 @contextlib.contextmanager
-def daemon_in_netns(bus: PrivateBus, links: dict[str, str] | None = None, extra: str = "") -> Iterator[Tproxyd]:
-    """A namespace with a veth pair and a configured (not yet started) tproxyd; cleaned up by PID."""
-    workdir = new_workdir()
-    netns = Netns()
+def daemon_in_netns(
+    bus: PrivateBus, links: dict[str, str] | None = None, extra: str = "", netns: Netns | None = None
+) -> Iterator[Tproxyd]:
+    """A namespace (`netns`, else a new `tpd-` one) with a veth pair and a configured (not yet
+    started) tproxyd, its directory named with the namespace's prefix; cleaned up by PID."""
+    netns = netns or Netns()
+    workdir = new_workdir(netns.prefix)
     daemon = Tproxyd(workdir, netns, bus)
     try:
         netns.create()

@@ -8,14 +8,13 @@ cgroup of ours left. Everything is cleaned up even when a test or the boot fails
 from __future__ import annotations
 
 import os
-import re
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests import support
 
 from . import images
 from .container import CGROUP_ROOTS, Container, booted, processes_in_namespaces, remove_stale_cgroups
@@ -38,9 +37,9 @@ REPORT: dict[str, str] = {}
 def _missing_prerequisite() -> str | None:
     if os.geteuid() != 0:
         return "needs root (debootstrap, systemd-nspawn, namespaces, cgroups)"
-    for tool in ("debootstrap", "systemd-nspawn", "nsenter", "unshare", "findmnt", "ip", "nft", "make"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (make deps installs debootstrap and systemd-container)"
+    tools = ("debootstrap", "systemd-nspawn", "nsenter", "unshare", "findmnt", "ip", "nft", "make")
+    if missing := support.missing_tool(*tools, hint="make deps installs debootstrap and systemd-container"):
+        return missing
     if "overlay" not in Path("/proc/filesystems").read_text():
         return "the kernel has no overlayfs"
     if not any(root.is_dir() for root in CGROUP_ROOTS):
@@ -48,33 +47,13 @@ def _missing_prerequisite() -> str | None:
     return None
 
 
-@pytest.fixture(scope="package")
-def prerequisites() -> None:
-    missing = _missing_prerequisite()
-    if missing:
-        pytest.skip(missing)
-
-
-_LIFETIMES = re.compile(r"(valid_lft|preferred_lft|expires) \S+")
-
-
-def _out(*args: str) -> str:
-    return subprocess.run(list(args), capture_output=True, text=True, stdin=subprocess.DEVNULL).stdout
+prerequisites = support.prerequisites_fixture(_missing_prerequisite, scope="package")
 
 
 def host_snapshot() -> dict[str, str]:
     """What the container must not change on the host."""
-    snap = {
-        "nft ruleset": _out("nft", "list", "ruleset"),
-        "links": _out("ip", "-o", "link"),
-        "addresses": _out("ip", "-o", "addr"),
-        "routes": _out("ip", "route", "show", "table", "all"),
-        "routes6": _out("ip", "-6", "route", "show", "table", "all"),
-        "rules": _out("ip", "rule"),
-        "rules6": _out("ip", "-6", "rule"),
-        "/run/systemd": "\n".join(sorted(os.listdir("/run/systemd"))) if os.path.isdir("/run/systemd") else "",
-    }
-    snap = {key: _LIFETIMES.sub(r"\1 _", value) for key, value in snap.items()}
+    snap = support.network_snapshot()
+    snap["/run/systemd"] = "\n".join(sorted(os.listdir("/run/systemd"))) if os.path.isdir("/run/systemd") else ""
     for dev in DEVICES:
         try:
             st = os.stat(dev)
@@ -86,7 +65,7 @@ def host_snapshot() -> dict[str, str]:
 
 def our_mounts(dirs: list[Path]) -> list[str]:
     """Mounts in the main namespace under our directories or made by this harness."""
-    lines = _out("findmnt", "-rn", "-o", "TARGET,SOURCE,FSTYPE").splitlines()
+    lines = support.run("findmnt", "-rn", "-o", "TARGET,SOURCE,FSTYPE", check=False).stdout.splitlines()
     prefixes = tuple(str(d) for d in dirs)
     return [line for line in lines if line.split(" ")[0].startswith(prefixes) or "tproxyd-systest" in line]
 
@@ -98,11 +77,9 @@ def host_unchanged(prerequisites: None, tmp_path_factory: pytest.TempPathFactory
     remove_stale_cgroups()
     before = host_snapshot()
     yield workdir
-    after = host_snapshot()
-    changed = {key: (before[key], after.get(key)) for key in before if before[key] != after.get(key)}
+    problems = support.snapshot_changes(before, host_snapshot())
     mounts = our_mounts([workdir, images.CACHE_DIR])
     cgroups = [str(cg) for root in CGROUP_ROOTS for cg in root.glob(f"tproxyd-systest-{os.getpid()}")]
-    problems = [f"--- {key} before:\n{old}\n--- {key} after:\n{new}" for key, (old, new) in changed.items()]
     if mounts:
         problems.append(f"mounts left on the host: {mounts}")
     if cgroups:

@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 
-from .images import die_with_parent
+from .images import UNSHARE_PRIVATE, die_with_parent
 
 T = TypeVar("T")
 
@@ -276,19 +276,7 @@ class Container:
     def start_holder(self) -> None:
         """The private mount + PID namespace (with its own /proc) and our mounts in it."""
         self.holder = subprocess.Popen(
-            [
-                "unshare",
-                "--mount",
-                "--pid",
-                "--fork",
-                "--kill-child",
-                "--mount-proc",
-                "--propagation",
-                "private",
-                "--",
-                "sleep",
-                "infinity",
-            ],
+            [*UNSHARE_PRIVATE, "sleep", "infinity"],
             env={"PATH": PATH},
             stdin=subprocess.DEVNULL,
             preexec_fn=die_with_parent,

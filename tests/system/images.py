@@ -66,6 +66,12 @@ def die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+# The command after this runs in a private mount namespace and in a PID namespace (with its own
+# /proc) that dies with `unshare` (--kill-child): it leaves no mount and no process on the host.
+UNSHARE_PRIVATE = ("unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
+                   "--propagation", "private", "--")  # fmt: skip
+
+
 class ImageError(RuntimeError):
     """Building a cached image failed; the message carries the tool's output."""
 
@@ -170,15 +176,7 @@ def ensure_rootfs(repo: Path, log: Path) -> tuple[Path, float]:
             # namespace that dies with `unshare` (--kill-child), none of its processes outlives it.
             _run(
                 [
-                    "unshare",
-                    "--mount",
-                    "--pid",
-                    "--fork",
-                    "--kill-child",
-                    "--mount-proc",
-                    "--propagation",
-                    "private",
-                    "--",
+                    *UNSHARE_PRIVATE,
                     "debootstrap",
                     f"--variant={VARIANT}",
                     f"--include={','.join(packages)}",
