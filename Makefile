@@ -24,6 +24,14 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 	@echo "deps: installing tproxyd into $(VENV)"
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	@chmod -R a+rX $(VENV)
+	@# Tests run .venv/bin/tproxyctl as unprivileged users: every directory above the checkout must
+	@# be traversable by them. Where one is not (a 0700 parent), allow traversal (o+x) only.
+	@if ! setpriv --reuid=nobody --regid=nogroup --clear-groups test -x $(PY) 2>/dev/null; then \
+		d=$(CURDIR); while [ "$$d" != / ]; do \
+			if [ "$$(stat -c %A "$$d" | cut -c10)" != x ] && [ "$$(stat -c %A "$$d" | cut -c10)" != t ]; then \
+				echo "deps: making $$d traversable (o+x) so test users can run .venv"; chmod o+x "$$d"; fi; \
+			d=$$(dirname "$$d"); done; \
+	fi
 	@touch $@
 
 lint: deps
