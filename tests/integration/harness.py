@@ -125,7 +125,7 @@ BUS_CONF = """\
 <busconfig>
   <type>system</type>
   <auth>EXTERNAL</auth>
-  <listen>unix:path={dir}/system_bus_socket</listen>
+  <listen>unix:path={dir}/system_bus_socket</listen>{extra_listen}
   <servicedir>{dir}/services</servicedir>
   <policy context="default">
     <allow user="*"/>
@@ -165,7 +165,7 @@ class PrivateBus:
         (self.dir / "system.d").mkdir(parents=True)
         (self.dir / "services").mkdir()
         self.dir.chmod(0o755)
-        (self.dir / "bus.conf").write_text(BUS_CONF.format(dir=self.dir))
+        (self.dir / "bus.conf").write_text(BUS_CONF.format(dir=self.dir, extra_listen=""))
         shutil.copy(SHIPPED_BUS_POLICY, self.dir / "system.d")
         shutil.copy(DEBIAN_POLKIT_BUS_POLICY, self.dir / "system.d")
         read_fd, write_fd = os.pipe()

@@ -38,10 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dbus_fast import Message, MessageType, Variant
+from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from tests.e2e import harness as e2e
+from tests.integration.harness import BUS_CONF, plain  # the same system-like bus, one more socket
 from tproxy_service.bus import names
 
 REPO = Path(__file__).resolve().parents[2]
@@ -86,37 +87,6 @@ enabled=false
 level=INFO
 """
 
-BUS_CONF = """\
-<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <auth>EXTERNAL</auth>
-  <!-- one socket for the tests (a path outside the sandbox), the standard one for inside it -->
-  <listen>unix:path={dir}/system_bus_socket</listen>
-  <listen>{inside}</listen>
-  <servicedir>{dir}/services</servicedir>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
-  </policy>
-  <policy user="root">
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Monitoring"/>
-  </policy>
-  <includedir>{dir}/system.d</includedir>
-</busconfig>
-"""
 
 # PID 1 of the sandbox. `wait` keeps the shell (which reaps every orphan) as the namespace's init.
 SANDBOX_INIT = r"""
@@ -183,16 +153,6 @@ def session_alive(sid: int) -> bool:
 
 
 # --- D-Bus from the test process -------------------------------------------------------------------
-
-
-def plain(value: Any) -> Any:
-    if isinstance(value, Variant):
-        return plain(value.value)
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain(v) for v in value]
-    return value
 
 
 @dataclass(frozen=True)
@@ -346,7 +306,9 @@ class Sandbox:
         (d / "var-lib-nm").chmod(0o700)
         (d / "resolv.conf").write_text("# private resolv.conf of the NetworkManager sandbox\n")
         (d / "etc-nm" / "NetworkManager.conf").write_text(NM_CONF.format(fallback=FALLBACK_LINK))
-        (d / "bus" / "bus.conf").write_text(BUS_CONF.format(dir=d / "bus", inside=INSIDE_BUS))
+        (d / "bus" / "bus.conf").write_text(
+            BUS_CONF.format(dir=d / "bus", extra_listen=f"\n  <listen>{INSIDE_BUS}</listen>")
+        )
         for policy in NM_BUS_POLICIES:
             shutil.copy(SYSTEM_BUS_POLICIES / policy, d / "bus" / "system.d")
         shutil.copy(SHIPPED_BUS_POLICY, d / "bus" / "system.d")
