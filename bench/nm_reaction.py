@@ -39,18 +39,14 @@ from typing import Any
 from benchlib import (
     Goal,
     Report,
+    bench_main,
     bypass_lines,
-    emit,
     log,
     ms,
-    print_report,
     ratio,
-    require_root,
     run_worker,
     summarize,
     table,
-    terminate_on_sigterm,
-    worker_main,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -301,14 +297,7 @@ def _signed(value: float) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    params = worker_main(argv)
-    if params is not None:
-        emit(asyncio.run(worker_async(params)))
-        return 0
-    require_root()
-    terminate_on_sigterm()
-    print_report(run(parse_args(argv)))
-    return 0
+    return bench_main(argv, parse_args, run, lambda params: asyncio.run(worker_async(params)))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import core_start
 import dataplane
 import dbus_calls
 import full_apply
+import nm_reaction
 import reaction
 import toggle
 from benchlib import ROOT, Goal, Report, goal_table, log, require_root, sh, terminate_on_sigterm
@@ -36,6 +37,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "dataplane": dataplane,
     "dbus_calls": dbus_calls,
     "core_start": core_start,
+    "nm_reaction": nm_reaction,
 }
 
 
