@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import socket
 from collections.abc import Mapping
 
-from .cidrs import BITS, address_set, parse_cidrs, union
+from .cidrs import address_set, parse_cidr, parse_cidrs, union
 from .model import (
     AddressSet,
     Config,
@@ -42,16 +41,9 @@ def local_subnets(facts: Facts) -> AddressSet:
     for addr in facts.addresses:
         if addr.link_index in loopback:
             continue
-        bits = BITS[addr.family]
-        host_bits = bits - addr.prefixlen
-        value = int.from_bytes(_packed(addr.family, addr.address), "big")
-        first = (value >> host_bits) << host_bits
-        (v4 if addr.family == 4 else v6).append(Interval(first, first + (1 << host_bits) - 1))
+        family, network = parse_cidr(f"{addr.address}/{addr.prefixlen}")
+        (v4 if family == 4 else v6).append(network)
     return address_set(v4, v6)
-
-
-def _packed(family: int, address: str) -> bytes:
-    return socket.inet_pton(socket.AF_INET if family == 4 else socket.AF_INET6, address)
 
 
 def compute_desired(

@@ -69,6 +69,13 @@ class _Applied:
     known: bool = False
 
 
+def _union(a: RoutingState, b: RoutingState) -> RoutingState:
+    return RoutingState(
+        rules=tuple(dict.fromkeys(a.rules + b.rules)),
+        routes=tuple(dict.fromkeys(a.routes + b.routes)),
+    )
+
+
 def _minus(a: RoutingState, b: RoutingState) -> RoutingState:
     return RoutingState(
         rules=tuple(r for r in a.rules if r not in b.rules),
@@ -329,13 +336,8 @@ class Engine:
             self._task = None
         if remove:
             await self._nft.delete()
-            routing = self._applied.routing if self._applied.known else build_routing(self._config.tproxy)
-            await self._routing.remove(
-                RoutingState(
-                    rules=tuple(dict.fromkeys(routing.rules + build_routing(self._config.tproxy).rules)),
-                    routes=tuple(dict.fromkeys(routing.routes + build_routing(self._config.tproxy).routes)),
-                )
-            )
+            # What we applied, and what the current config would apply (a crashed run's leftovers).
+            await self._routing.remove(_union(self._applied.routing, build_routing(self._config.tproxy)))
             self._applied = _Applied(known=True)
 
 
