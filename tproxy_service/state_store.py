@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic_file import write_atomic
 from .errors import InvalidArgument
 from .ifname import validate_ifname
 from .model import LinkMode
@@ -116,23 +116,4 @@ class StateStore:
 
     def save(self, choices: Choices) -> None:
         """Atomically replace the file; raises OSError (the old file is then intact)."""
-        directory = self.path.parent
-        directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-        data = (json.dumps(choices.to_json(), indent=2) + "\n").encode()
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fchmod(f.fileno(), 0o644)
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        # Make the rename itself durable.
-        dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dirfd)
-        finally:
-            os.close(dirfd)
+        write_atomic(self.path, (json.dumps(choices.to_json(), indent=2) + "\n").encode())

@@ -8,13 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Protocol
 
+from ..atomic_file import write_atomic
 from ..errors import ConfigError
 from ..kernel.sockets import core_listening
 from ..model import Config, CoreStatus
@@ -78,22 +77,6 @@ async def render_checked(config: Config) -> str:
     return text
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 class CoreSupervisor:
     def __init__(self, config: Config, unit: UnitPort, on_change: Callable[[str], None]) -> None:
         self._config = config
@@ -117,8 +100,10 @@ class CoreSupervisor:
         changed = text != self._text
         if changed:
             runtime = config.runtime_dir
-            await asyncio.to_thread(_write_atomic, runtime / CORE_CONFIG, text)
-            await asyncio.to_thread(_write_atomic, runtime / CORE_ENV, f"TPROXYD_CORE_BINARY={config.core.binary}\n")
+            await asyncio.to_thread(write_atomic, runtime / CORE_CONFIG, text.encode(), 0o600)
+            await asyncio.to_thread(
+                write_atomic, runtime / CORE_ENV, f"TPROXYD_CORE_BINARY={config.core.binary}\n".encode(), 0o600
+            )
             self._text = text
         return changed
 
