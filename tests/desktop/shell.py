@@ -21,6 +21,7 @@ from typing import Any
 from gi.repository import Gio, GLib
 
 from tests.integration import harness as h
+from tests.support import wait_until
 
 GNOME_SHELL = "/usr/bin/gnome-shell"
 SESSION_BUS_CONF = """\
@@ -92,15 +93,10 @@ def _kill_pids(pids: list[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    for pid in pids:
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.02)
-        else:
+    try:
+        wait_until(lambda: not any(_alive(pid) for pid in pids), 5, f"processes {pids} to exit")
+    except AssertionError:
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 

@@ -11,10 +11,9 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
-from tests.support import stop_process
+from tests.support import stop_process, wait_until
 
 CGROUP_ROOTS = (Path("/sys/fs/cgroup/systemd"), Path("/sys/fs/cgroup/unified"))
 
@@ -76,11 +75,11 @@ class UserManager:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + timeout
-        while not (self.runtime_dir / "bus").exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"systemd --user did not come up:\n{self.console.read_text()[-2000:]}")
-            time.sleep(0.02)
+        proc = self.proc
+        with contextlib.suppress(AssertionError):  # reported below, with the manager's console
+            wait_until(lambda: (self.runtime_dir / "bus").exists() or proc.poll() is not None, timeout, "its bus")
+        if not (self.runtime_dir / "bus").exists():
+            raise RuntimeError(f"systemd --user did not come up:\n{self.console.read_text()[-2000:]}")
 
     def install_unit(self, source: Path, dropin: str = "") -> None:
         shutil.copy(source, self.unit_dir / source.name)
@@ -114,14 +113,15 @@ def _kill_and_remove_cgroup(cg: Path) -> None:
     """Units of a dead manager may linger in its subtree: kill them (they are ours), then rmdir."""
     if not cg.exists():
         return
-    for _ in range(50):
+
+    def killed_all() -> bool:
         pids = [int(p) for f in cg.rglob("cgroup.procs") for p in f.read_text().split()]
-        if not pids:
-            break
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        time.sleep(0.05)
+        return not pids
+
+    wait_until(killed_all, 5, f"no process left in {cg}")
     for d in sorted((p for p in cg.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
         d.rmdir()
     cg.rmdir()

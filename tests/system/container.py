@@ -49,6 +49,8 @@ from typing import Any, TypeVar
 from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 
+from tests import support
+
 from .images import UNSHARE_PRIVATE, die_with_parent
 
 T = TypeVar("T")
@@ -119,19 +121,20 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval:
     """Poll `probe` until it returns something other than None/False; fail with `what` at the
     deadline. A D-Bus error or an unreachable socket counts as "not yet"; any other exception
     is a bug and is raised at once."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while True:
+    errors: list[Exception] = []
+
+    def attempt() -> T | None:
         try:
-            value = probe()
-            if value is not None and value is not False:
-                return value
+            return probe()
         except (BusError, OSError) as e:
-            last_error = e
-        if time.monotonic() > deadline:
-            detail = f" (last error: {last_error})" if last_error else ""
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}{detail}")
-        time.sleep(interval)
+            errors.append(e)
+            return None
+
+    try:
+        return support.wait_until(attempt, timeout, what, interval)
+    except AssertionError:
+        detail = f" (last error: {errors[-1]})" if errors else ""
+        raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}{detail}") from None
 
 
 def _children(pid: int) -> list[int]:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.support import wait_until
 
 SCRIPT = Path(__file__).resolve().parents[2] / "nm-dispatcher" / "90-tproxyd"
 CALLED = ("up", "down", "dhcp4-change", "dhcp6-change", "connectivity-change", "reapply")
@@ -74,10 +75,7 @@ def run(tmp_path: Path, bin_dir: Path, args: list[str], env: dict[str, str] | No
         start_new_session=True,
     )
     rc = proc.wait(10)
-    deadline = time.monotonic() + 10
-    while session_alive(proc.pid):
-        assert time.monotonic() < deadline, "the script's background job did not finish"
-        time.sleep(0.01)
+    wait_until(lambda: not session_alive(proc.pid), 10, "the script's background job to finish")
     return rc
 
 
