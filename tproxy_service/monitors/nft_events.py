@@ -1,8 +1,8 @@
 """Notices when someone else changes table inet tproxyd (`nft delete table`, `nft flush
 ruleset`, a deleted rule or element) and reports it as drift.
 
-Every nf_tables transaction ends with a NEWGEN event carrying the committing process's PID;
-changes made by our own threads are ignored. Listening makes the kernel emit one event per set
+Every nf_tables transaction ends with a NEWGEN event whose header names the committing netlink
+socket; changes committed through our own sockets are ignored. Listening makes the kernel emit one event per set
 element, which would make our own 100k-entry replaces ~50% slower and flood this socket, so the
 nft adapter pauses the watch around full replaces and checks the table right after."""
 
@@ -40,17 +40,12 @@ def _attrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
     return out
 
 
-def _ours(pid: int) -> bool:
-    """True when `pid` (a thread id: the kernel reports the committing task) is one of ours."""
-    return pid == os.getpid() or os.path.exists(f"/proc/self/task/{pid}")
-
-
 def _own_portids() -> set[int]:
     """The netlink port ids of our own sockets (libnftables' included).
 
-    The kernel reports the committing task's PID as the *initial* PID namespace sees it, so in
-    a container (a PID namespace with its own /proc) `_ours` never recognizes us; the NEWGEN
-    message's header carries the committing socket's port id, which is namespace-proof."""
+    A NEWGEN message's header carries the committing socket's port id. That identifies our own
+    commits in any PID namespace, unlike the task PID it also reports (given as the initial PID
+    namespace sees it, so meaningless inside a container)."""
     inodes = set()
     for fd in os.listdir("/proc/self/fd"):
         try:
@@ -80,11 +75,12 @@ class NftDriftWatch:
         self._touched = False
         self._portids: set[int] = set()  # cache of _own_portids(), refreshed on a miss
 
-    def _from_us(self, pid: int, portid: int) -> bool:
-        if _ours(pid) or (portid and portid in self._portids):
-            return True
-        self._portids = _own_portids()
-        return portid != 0 and portid in self._portids  # 0: the kernel's own
+    def _from_us(self, portid: int) -> bool:
+        if portid == 0:  # the kernel's own
+            return False
+        if portid not in self._portids:
+            self._portids = _own_portids()  # a socket opened since the last look
+        return portid in self._portids
 
     def start(self) -> None:
         if self._sock is not None:
@@ -134,7 +130,7 @@ class NftDriftWatch:
                 if msg_type & 0xFF == NFT_MSG_NEWGEN:
                     pid_raw = attrs.get(NFTA_GEN_PROC_PID)
                     pid = struct.unpack("!I", pid_raw)[0] if pid_raw and len(pid_raw) == 4 else 0
-                    if self._touched and not self._from_us(pid, portid):
+                    if self._touched and not self._from_us(portid):
                         self._on_drift(f"table changed by pid {pid}")
                     self._touched = False
                 elif family == NFPROTO_INET and attrs.get(NFTA_TABLE_NAME_ATTR) == self._table:
