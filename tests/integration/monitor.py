@@ -34,6 +34,11 @@ class Monitor:
 
         return h.wait_until(find, timeout, what)
 
+    def subscribed(self, timeout: float = 10) -> dict[str, Any]:
+        """The initial values, printed once the monitor's matches are in place: a change made
+        after this returns is never missed."""
+        return self.wait_for(lambda e: e["event"] == "initial", "the monitor's initial values", timeout)["changed"]
+
     def changed(self, prop: str, value: Any, timeout: float = 10) -> dict[str, Any]:
         return self.wait_for(
             lambda e: e["event"] == "changed" and prop in e["changed"] and e["changed"][prop] == value,

@@ -26,7 +26,7 @@ def monitor(daemon: h.Tproxyd, bus: h.PrivateBus) -> Iterator[Monitor]:
 
 
 def test_plain_user_receives_every_change(daemon: h.Tproxyd, bus: h.PrivateBus, monitor: Monitor) -> None:
-    initial = monitor.wait_for(lambda e: e["event"] == "initial", "the monitor's initial values")["changed"]
+    initial = monitor.subscribed()
     assert set(initial) == {p.name for p in PROPERTIES}
     # The engine's core state (core supervision is tested with the core); Version never changes.
     assert initial["CoreState"] == bus.properties()["CoreState"] != ""
