@@ -15,7 +15,7 @@ from tproxy_service.kernel.facts import FactsReader
 from tproxy_service.kernel.nft import NftablesAdapter
 from tproxy_service.kernel.nft_netlink import SetElementWriter, table_exists
 from tproxy_service.kernel.routing import RoutingAdapter
-from tproxy_service.model import NftState, RouteSpec, RuleSpec, TproxySettings
+from tproxy_service.model import RouteSpec, RuleSpec, TproxySettings
 from tproxy_service.monitors.nft_events import NftDriftWatch
 from tproxy_service.rules.nft import IfnameChange, IntervalChange
 from tproxy_service.rules.routing import build_routing
@@ -198,6 +198,21 @@ def test_facts_reader_sees_links_and_addresses() -> None:
     run_in_netns(body)
 
 
-def test_state_with_no_links_still_valid() -> None:
-    state = SCENARIOS["empty_sets"]
-    assert isinstance(state, NftState) and not state.lan_links
+def test_standby_table_loads_empty_and_takes_a_link_as_an_element() -> None:
+    """The standby table (NetworkManager policies armed, no link proxied yet): every set is empty
+    in the kernel, and a link arriving later is an element update into it, not a rebuild."""
+
+    def body() -> None:
+        async def scenario() -> None:  # one event loop: the adapter keeps its netlink socket
+            adapter = NftablesAdapter()
+            await adapter.replace(SCENARIOS["empty_sets"])
+            for name in ("lan_links", "host_links", "bypass4", "bypass6", "local4", "local6"):
+                assert _elements(name) == [], f"{name} should be empty"
+            await adapter.update_elements([IfnameChange("lan_links", ("wlan9",), ())])
+            assert _elements("lan_links") == ["wlan9"] and _elements("host_links") == []
+            await adapter.delete()
+            adapter.close()
+
+        asyncio.run(scenario())
+
+    run_in_netns(body)

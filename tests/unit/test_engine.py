@@ -23,7 +23,7 @@ from tproxy_service.model import (
     ServiceState,
     TproxySettings,
 )
-from tproxy_service.rules.nft import IfnameChange, IntervalChange, SetChange
+from tproxy_service.rules.nft import SetChange
 
 T = TypeVar("T")
 
@@ -33,6 +33,7 @@ class FakeNft:
         self.table: NftState | None = None
         self.calls: list[str] = []
         self.fail_replace = False
+        self.fail_next_replace = False  # fails one replace only: a rollback after it succeeds
         self.fail_elements = False
         self.present = True
 
@@ -41,7 +42,8 @@ class FakeNft:
 
     async def replace(self, state: NftState) -> None:
         self.calls.append("replace")
-        if self.fail_replace:
+        if self.fail_replace or self.fail_next_replace:
+            self.fail_next_replace = False
             raise KernelError("replace failed")
         self.table = state
         self.present = True
@@ -237,6 +239,34 @@ def test_failed_replace_reports_and_keeps_previous() -> None:
     run(body)
 
 
+def test_clean_rollback_restores_previous_state_and_keeps_the_cache() -> None:
+    """The failing step fails once: the rollback itself succeeds (the tests above keep the fault
+    during the rollback, so they only see "the rollback failed too")."""
+
+    async def body() -> None:
+        engine, nft, routing, _ = make()
+        engine.start()
+        await engine.reconcile("startup")
+        good_config, good_table, good_routes = engine.config, nft.table, set(routing.installed)
+        # New routing table and port: the routing is switched first, then the table replace fails.
+        bad = Config(links={"eth0": LinkMode.LAN}, tproxy=TproxySettings(port=999, route_table=200))
+        nft.fail_next_replace = True
+        status = await engine.wait_for(engine.set_config(bad))
+        assert status.state is ServiceState.FAILED and status.last_error == "replace failed"
+        assert nft.calls == ["replace", "replace", "replace"], "startup, the failed one, the rollback's"
+        assert nft.table is good_table
+        assert routing.installed == good_routes, "table 200's rules and routes removed, table 100's back"
+        # A clean rollback keeps the engine's record of what is applied: going back to the old
+        # config is a pass with nothing to do (after a failed rollback it would rebuild everything).
+        nft_calls, routing_calls = list(nft.calls), list(routing.calls)
+        status = await engine.wait_for(engine.set_config(good_config))
+        assert status.state is ServiceState.ACTIVE
+        assert (nft.calls, routing.calls) == (nft_calls, routing_calls)
+        await engine.stop()
+
+    run(body)
+
+
 def test_drift_forces_replace_and_reapply_checks_table() -> None:
     async def body() -> None:
         engine, nft, routing, _ = make()
@@ -295,11 +325,6 @@ def test_modes_fill_the_right_sets(mode: LinkMode) -> None:
         await engine.stop()
 
     run(body)
-
-
-def test_interval_and_ifname_changes_are_typed() -> None:
-    assert IfnameChange("lan_links", ("a",), ()).set_name == "lan_links"
-    assert IntervalChange("local4", 4, (), ()).family == 4
 
 
 class FakeCore:
