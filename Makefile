@@ -2,19 +2,19 @@
 SHELL := /bin/bash
 VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
-DEBIAN_PACKAGES := nftables libnftables1 python3-nftables python3-jsonschema python3-venv python3-systemd \
+DEBIAN_PACKAGES := nftables libnftables1 python3-nftables python3-jsonschema python3-venv python3-systemd python3-dbus \
 	v2ray iproute2 iputils-ping iperf3 socat curl conntrack tcpdump procps \
 	dbus-daemon dbus-bin polkitd pkexec systemd debootstrap systemd-container network-manager dnsmasq-base \
 	libdbus-1-dev libglib2.0-dev libsystemd-dev pkg-config gcc python3-dev \
 	gnome-shell gnome-shell-extension-appindicator gjs xvfb xdotool imagemagick python3-gi gir1.2-gtk-4.0 gir1.2-adw-1
 
-.PHONY: deps check lint typecheck unit e2e test bench demo clean install uninstall
+.PHONY: deps check lint typecheck unit e2e test bench demo clean install uninstall lock
 
 deps: $(VENV)/.deps-stamp
 
 # Debian's python (not a pyenv build under /root) so unprivileged users can run .venv/bin/tproxyctl;
 # --system-site-packages for Debian's python3-nftables (libnftables binding).
-$(VENV)/.deps-stamp: pyproject.toml Makefile
+$(VENV)/.deps-stamp: pyproject.toml Makefile requirements/test.txt
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "deps: installing Debian packages:" $$missing; \
@@ -22,7 +22,8 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 	fi
 	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	@echo "deps: installing tproxyd into $(VENV)"
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@$(PY) -m pip install -q --disable-pip-version-check --require-hashes -r requirements/test.txt
+	@$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@chmod -R a+rX $(VENV)
 	@# Tests run .venv/bin/tproxyctl as unprivileged users: every directory above the checkout must
 	@# be traversable by them. Where one is not (a 0700 parent), allow traversal (o+x) only.
@@ -63,6 +64,28 @@ demo: deps
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
 
+# --- pinned Python dependencies ------------------------------------------------------------------
+# Every distribution pip installs is pinned with the hashes of all its files (every Python
+# version and platform, and the sdist), so Debian 12's Python 3.11 and Debian 13's 3.13 install
+# the same reviewed releases, and pip runs in hash-checking mode: nothing PyPI serves on the day
+# of an install runs as root unless it is byte-identical to what was locked. The lock is a
+# requirements file because pip (23.0 here) checks hashes only there: hashes in a constraints
+# file are not enforced. requirements/runtime.txt is what `make install` puts in the service's
+# venv; requirements/test.txt adds the test tools for `make deps`. Debian provides
+# systemd-python (python3-systemd) and dbus-python (python3-dbus), hence not in the locks.
+# After changing a dependency in pyproject.toml or requirements/build.in, run `make lock` and
+# review the diff (it needs PyPI; uv runs from a throw-away venv).
+UV_VERSION := 0.13.8
+LOCK_ARGS := --universal --python-version 3.11 --generate-hashes --custom-compile-command 'make lock' \
+	--no-emit-package systemd-python --no-emit-package dbus-python
+lock:
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	/usr/bin/python3 -m venv "$$tmp/venv" && "$$tmp/venv/bin/pip" install -q --disable-pip-version-check uv==$(UV_VERSION) && \
+	UV_CACHE_DIR="$$tmp/cache" "$$tmp/venv/bin/uv" pip compile -q $(LOCK_ARGS) pyproject.toml requirements/build.in \
+		-o requirements/runtime.txt && \
+	UV_CACHE_DIR="$$tmp/cache" "$$tmp/venv/bin/uv" pip compile -q $(LOCK_ARGS) --extra test pyproject.toml requirements/build.in \
+		-c requirements/runtime.txt -o requirements/test.txt
+
 # --- install (Debian 12) -------------------------------------------------------------------------
 # The package lives in its own venv under $(PREFIX)/lib/tproxyd, made from Debian's python with
 # --system-site-packages: Debian ships pyroute2 0.7 and dbus-fast 1.84, tproxyd needs pyroute2
@@ -71,7 +94,9 @@ clean:
 PREFIX ?= /usr
 SYSCONFDIR ?= /etc
 DESTDIR ?=
-# Extra pip options for the install, e.g. an offline wheelhouse: PIP_ARGS="--no-index --find-links DIR".
+# Extra pip options for the install, e.g. an offline wheelhouse: PIP_ARGS="--no-index --find-links DIR"
+# (fill DIR with `pip download --require-hashes -r requirements/runtime.txt -d DIR`, adding
+# `--python-version 3.13 --only-binary=:all:` for a Debian 13 target).
 PIP_ARGS ?=
 LIBDIR := $(DESTDIR)$(PREFIX)/lib/tproxyd
 RUNTIME_PACKAGES := nftables libnftables1 python3-nftables python3-venv python3-systemd python3-gi v2ray dbus polkitd
@@ -105,7 +130,8 @@ install:
 	fi
 	@echo "install: tproxyd into $(LIBDIR)"
 	@test -x $(LIBDIR)/bin/python || /usr/bin/python3 -m venv --system-site-packages $(LIBDIR)
-	@$(LIBDIR)/bin/python -m pip install -q --disable-pip-version-check $(PIP_ARGS) --upgrade .
+	@$(LIBDIR)/bin/python -m pip install -q --disable-pip-version-check $(PIP_ARGS) --require-hashes -r requirements/runtime.txt
+	@$(LIBDIR)/bin/python -m pip install -q --disable-pip-version-check $(PIP_ARGS) --no-deps --no-build-isolation --upgrade .
 	@rm -rf build tproxyd.egg-info
 	@chmod -R a+rX $(LIBDIR)
 	install -d $(DESTDIR)$(PREFIX)/bin

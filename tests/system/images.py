@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -202,20 +201,17 @@ def ensure_rootfs(repo: Path, log: Path) -> tuple[Path, float]:
         return target, time.monotonic() - started
 
 
-def _project_requirements(repo: Path) -> list[str]:
-    pyproject = tomllib.loads((repo / "pyproject.toml").read_text())
-    build_requires: list[str] = pyproject["build-system"]["requires"]
-    dependencies: list[str] = pyproject["project"]["dependencies"]
-    # `wheel`: older setuptools ask for it when building; harmless otherwise.
-    return sorted({*build_requires, *dependencies, "wheel"})
+def _runtime_lock(repo: Path) -> Path:
+    """The hash-pinned distributions `make install` installs (build backend included)."""
+    return repo / "requirements" / "runtime.txt"
 
 
 def ensure_wheelhouse(repo: Path, log: Path) -> Path:
-    """Every distribution `pip install .` needs (build backend included), downloaded on the host
+    """Every distribution `make install` needs (the hash-pinned lock), downloaded on the host
     (which reaches PyPI) for the container (which reaches nothing): `make install
     PIP_ARGS="--no-index --find-links DIR"`. The container's python is the same Debian 3.11."""
-    requirements = _project_requirements(repo)
-    key = _key({"requirements": requirements, "python": list(sys.version_info[:2])})
+    lock = _runtime_lock(repo)
+    key = _key({"lock": lock.read_text(), "python": list(sys.version_info[:2])})
     target = CACHE_DIR / f"wheels-{key}"
     if target.is_dir():
         return target
@@ -235,7 +231,9 @@ def ensure_wheelhouse(repo: Path, log: Path) -> Path:
                     "--disable-pip-version-check",
                     "--dest",
                     str(tree),
-                    *requirements,
+                    "--require-hashes",
+                    "-r",
+                    str(lock),
                 ],
                 log,
                 timeout=600,
