@@ -8,6 +8,7 @@ make a full buffer look like a zero-byte write."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import socket
 from typing import Any
@@ -38,12 +39,35 @@ class _FullBufferIsShortWrite:
         return getattr(self._sock, name)
 
 
+def patch_full_buffer(bus: MessageBus) -> bool:
+    """Installs the workaround on a connected bus; False (with an error in the log) when this
+    dbus-fast no longer has the private `_writer.sock` it patches. The pinned dbus-fast has it,
+    and tests/integration/test_bus_connection.py fails when an upgrade removes it."""
+    writer: Any = getattr(bus, "_writer", None)
+    sock = getattr(writer, "sock", None)
+    if isinstance(sock, _FullBufferIsShortWrite):
+        return True
+    if not isinstance(sock, socket.socket):
+        log.error(
+            "dbus-fast %s has no MessageBus._writer.sock: the workaround for a full socket buffer is "
+            "not applied, so a burst of D-Bus traffic can drop this connection (install the pinned "
+            "dbus-fast from requirements/runtime.txt)",
+            _dbus_fast_version(),
+        )
+        return False
+    writer.sock = _FullBufferIsShortWrite(sock)
+    return True
+
+
+def _dbus_fast_version() -> str:
+    try:
+        return importlib.metadata.version("dbus-fast")
+    except importlib.metadata.PackageNotFoundError:
+        return "(unknown version)"
+
+
 async def connect_system_bus() -> MessageBus:
     """Raises OSError (or dbus-fast's AuthError...) when the bus is not reachable."""
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
-    writer = getattr(bus, "_writer", None)
-    if writer is not None and isinstance(getattr(writer, "sock", None), socket.socket):
-        writer.sock = _FullBufferIsShortWrite(writer.sock)
-    else:  # a dbus-fast that changed its internals: run without the workaround
-        log.debug("dbus-fast writer internals changed; EAGAIN workaround not applied")
+    patch_full_buffer(bus)
     return bus
