@@ -111,7 +111,7 @@ def render(reports: list[Report], started: datetime.datetime, seconds: float, lo
     sections = "\n".join(report.markdown() for report in reports)
     return f"""# Benchmarks
 
-Produced by `bench/run_all.py` (DESIGN.md section 7; issues 2, 3 and 4). Every number comes from one
+Produced by `bench/run_all.py` (docs/architecture.md, "Benchmarks"; issues 2, 3 and 4). Every number comes from one
 run of the command below; each benchmark ran in fresh network namespaces of its own (`tpb-*`;
 `tpd-*` for the D-Bus calls, `tpc-*` for the core), with `time.perf_counter()`. Scripts:
 `bench/full_apply.py`, `bench/toggle.py`, `bench/reaction.py`, `bench/dataplane.py`,

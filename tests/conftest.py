@@ -2,7 +2,7 @@
 
 A test may skip on a developer's machine when a prerequisite (root, namespaces, v2ray...) is
 missing, but a skipped test is a missing test: with TPROXYD_REQUIRE_ALL=1 (CI sets it) every skip,
-at collection or in setup/call, is reported as a failure instead (DESIGN.md section 6).
+at collection or in setup/call, is reported as a failure instead (docs/architecture.md, "Test tiers").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The reconcile loop (DESIGN.md section 5).
+"""The reconcile loop (docs/architecture.md, "The reconcile pass").
 
 Every trigger calls `request(reason)`. Requests coalesce: however many arrive while a pass
 runs, one more pass follows. A pass reads the kernel facts, computes the desired state with

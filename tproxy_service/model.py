@@ -77,7 +77,7 @@ class BypassSettings:
 class CoreSettings:
     """[core]: the proxy core tproxyd supervises through systemd."""
 
-    supervise: bool = True  # false: an external core; tproxyd only watches that it listens
+    supervise: bool = True  # false: an external core the admin runs; tproxyd treats it as always ready
     config: Path | None = None  # the user's v2ray JSON; None = built-in direct (freedom) outbound
     binary: Path = Path("/usr/bin/v2ray")  # xray takes the same flags
     unit: str = "tproxyd-core.service"

@@ -1,4 +1,4 @@
-"""A throw-away headless GNOME Shell 43 session for tests (PLATFORM.md, "GNOME Shell 43 headless").
+"""A throw-away headless GNOME Shell 43 session for tests (docs/architecture.md, "Headless GNOME Shell").
 
 The shell runs as an unprivileged user (so polkit decides about it as about a person) under its
 own session dbus-daemon, with every XDG directory in a temp dir, talking to the test's private

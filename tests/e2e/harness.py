@@ -294,7 +294,7 @@ def start_v2ray(workdir: Path) -> tuple[subprocess.Popen[bytes], AccessLog]:
     access = workdir / "v2ray-access.log"
     config.write_text(json.dumps(v2ray_config(access, workdir / "v2ray-error.log"), indent=2))
     run(V2RAY, "-test", "-config", str(config))
-    # As root: the packaged binary's file capability drops ambient caps (PLATFORM.md).
+    # As root: the packaged binary's file capability drops ambient caps (docs/architecture.md, "The proxy core").
     proc = spawn(GW, [V2RAY, "-config", str(config)], workdir / "v2ray.out")
     wanted = {(proto, f"{host}:{TPROXY_PORT}") for proto in ("tcp", "udp") for host in ("127.0.0.1", "[::1]")} | {
         ("tcp", f"127.0.0.1:{MARKER_PORT}")
@@ -526,7 +526,7 @@ cidrs = {json.dumps(list(self.cidrs))}
 files = ["{list_file}"]
 
 [core]
-supervise = false  # the lab runs its own v2ray; tproxyd only watches that it listens
+supervise = false  # the lab runs its own v2ray; tproxyd treats it as always ready
 
 [links]
 {links}"""

@@ -1,4 +1,5 @@
-"""A real systemd manager for tests, without systemd as PID 1 (PLATFORM.md, "User manager"):
+"""A real systemd manager for tests, without systemd as PID 1 (docs/architecture.md, "A systemd
+manager without systemd as PID 1"):
 `systemd --user` run as root in a private mount namespace with a tmpfs on /run/systemd (so it
 believes it was booted with systemd), its own cgroup subtree, and a private XDG_RUNTIME_DIR/HOME.
 Its D-Bus API is on $XDG_RUNTIME_DIR/bus; units it starts run as root. A unit joins a test's

@@ -40,7 +40,7 @@ def test_docs_have_busctl_examples() -> None:
     examples = busctl_examples()
     assert len(examples) >= 10
     contract = "busctl call io.github.Tproxyd /io/github/Tproxyd io.github.Tproxyd.Manager1 EnableLink ss wlan0 host"
-    assert examples[0].command == contract  # DESIGN.md: "must just work"
+    assert examples[0].command == contract  # the contract says it "must just work" (docs/architecture.md)
 
 
 def test_busctl_examples_run_verbatim(make_daemon: MakeDaemon, bus: h.PrivateBus) -> None:

@@ -11,7 +11,7 @@ tproxyd next to it, a real v2ray core and real traffic. Every name starts with `
 With "tpn-cafe" up, the gateway's own traffic to the server leaves via tpnv0 (so a `host` policy
 on it diverts it to the core); with it down, the traffic falls back to tpnm0 and goes direct.
 
-The sandbox (PLATFORM.md, "Real NetworkManager 1.42 confined in a network namespace"): `unshare
+The sandbox (docs/architecture.md, "NetworkManager confined in a network namespace"): `unshare
 --mount --uts --pid --fork --mount-proc` inside the gateway's netns, /sys read-only, a tmpfs on
 /run, test directories bind-mounted over NetworkManager's paths and /etc/resolv.conf, `mount -n`
 everywhere. Its PID 1 is a shell that starts the bus and reaps orphans; NetworkManager and tproxyd
@@ -470,7 +470,7 @@ udp = true
 failure_policy = "open"
 
 [core]
-supervise = false  # the test runs its own v2ray; tproxyd only watches that it listens
+supervise = false  # the test runs its own v2ray; tproxyd treats it as always ready
 
 [networkmanager]
 enabled = {"true" if nm else "false"}

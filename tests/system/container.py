@@ -1,5 +1,5 @@
 """A bookworm container booted with systemd as PID 1, with tproxyd installed by `make install`
-(PLATFORM.md, "Real systemd without systemd as PID 1", and its safety notes).
+(docs/architecture.md, "systemd as PID 1 in a container", and its safety notes).
 
 Layout of one run (all under `workdir`; besides it, the host gets only our cgroup directories,
 removed afterwards, and the cache of tests/system/images.py):

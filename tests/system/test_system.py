@@ -1,4 +1,4 @@
-"""The full-system tier (DESIGN.md section 6, tier 4): tproxyd installed by `make install` into a
+"""The full-system tier (docs/architecture.md, "Test tiers"): tproxyd installed by `make install` into a
 debootstrapped bookworm booted with systemd as PID 1, with dbus, polkitd, NetworkManager and
 v2ray, used the way a user uses it: `busctl`, `tproxyctl` as root and as an unprivileged user,
 `nmcli`, `systemctl`, `journalctl`, `systemd-analyze`, `make uninstall`, all run inside the

@@ -1,5 +1,6 @@
 """Every D-Bus name, path, interface, error name and polkit action id of tproxyd, once
-(DESIGN.md section 2). The daemon, tproxyctl, the tests and the bench import them from here."""
+(docs/architecture.md, "The D-Bus contract"). The daemon, tproxyctl, the tests and the bench
+import them from here."""
 
 from typing import Final
 

@@ -1,4 +1,4 @@
-"""NetworkManager on the system bus -> NmFacts for the engine (DESIGN.md section 5).
+"""NetworkManager on the system bus -> NmFacts for the engine (docs/architecture.md, "The reconcile pass").
 
 The monitor subscribes first (NetworkManager's signals, its name's owner changes, logind's
 PrepareForSleep), then reads NetworkManager's state. Every relevant signal schedules one full
