@@ -1,5 +1,6 @@
 """tproxyd's state -> what the fallback toggle shows: a line-by-line port of the GNOME Shell
-extension's pure module (desktop/gnome-shell/tproxyd@tproxyd.github.io/presentation.js).
+extensions' pure module (desktop/gnome-shell/45/tproxyd@tproxyd.github.io/presentation.js, an ES
+module; the GNOME 43/44 extension has a copy generated from it).
 
 Both are checked against the same table of cases (desktop/tests/presentation_cases.json), so the
 tray entry, the window and the Quick Settings toggle say the same words. Change both, then the

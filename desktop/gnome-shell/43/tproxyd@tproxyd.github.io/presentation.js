@@ -1,8 +1,15 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
+// GENERATED from ../../45/tproxyd@tproxyd.github.io/presentation.js by desktop/gnome-shell/make_legacy.py:
+// do not edit (edit the ES module, then run the script).
 //
-// tproxyd's state -> what the toggle shows. PURE: no Shell, GLib or Gio imports, so `gjs`
-// runs it standalone (desktop/tests/test_presentation.js) and the GNOME Shell extension
-// loads it with `Me.imports.presentation` (legacy `imports` style, GNOME 43 and 44).
+// tproxyd's state -> what the toggle shows. PURE: no Shell, GLib or Gio imports, so `gjs -m`
+// runs it standalone (desktop/tests/test_presentation.js) and the GNOME Shell 45+ extension
+// imports it as an ES module.
+//
+// This file is the one source: the GNOME 43/44 extension's copy (legacy `imports` style) is
+// generated from it by `python3 desktop/gnome-shell/make_legacy.py` (a test checks the two
+// agree). Only `export const` and `export function` may export: the generator turns them into
+// `var` and `function`, which legacy `imports` exports.
 //
 // The Python fallback (tproxy_service/toggle/presentation.py) is a line-by-line port; both are
 // checked against the same table of cases (desktop/tests/presentation_cases.json), so the
@@ -12,8 +19,6 @@
 //   {running: bool,                 is io.github.Tproxyd owned on the system bus?
 //    props: {Enabled, Links, ActiveLinks, State, LastError, ...} | null,
 //    nmLinks: [ifname, ...] | null}  NetworkManager's devices; null when NM is not on the bus
-/* exported TITLE, HEADER_TITLE, ICONS, MAX_OTHER_LINKS, present, statusText, modeText,
-   notificationFor */
 
 var TITLE = 'Proxy';
 var HEADER_TITLE = 'Transparent proxy';
@@ -209,3 +214,5 @@ function notificationFor(request, errorName, message) {
         body = 'not authorized (polkit)';
     return {title, body};
 }
+
+/* exported TITLE, HEADER_TITLE, MAX_OTHER_LINKS, ICONS, modeText, statusText, present, notificationFor */
