@@ -36,8 +36,8 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile requirements/test.txt
 	@touch $@
 
 lint: deps
-	$(VENV)/bin/ruff check tproxy_service tests bench demo
-	$(VENV)/bin/ruff format --check tproxy_service tests bench demo
+	$(VENV)/bin/ruff check tproxy_service tests bench demo desktop
+	$(VENV)/bin/ruff format --check tproxy_service tests bench demo desktop
 
 typecheck: deps
 	$(VENV)/bin/mypy
@@ -109,6 +109,9 @@ NM_DISPATCHER := $(DESTDIR)$(PREFIX)/lib/NetworkManager/dispatcher.d
 CONFDIR := $(DESTDIR)$(SYSCONFDIR)/tproxyd
 EXT_UUID := tproxyd@tproxyd.github.io
 GNOME_EXT := $(DESTDIR)$(PREFIX)/share/gnome-shell/extensions/$(EXT_UUID)
+# Which extension: desktop/gnome-shell/43 (legacy imports: GNOME 43, 44) or 45 (ES modules: 45 and
+# later, also where gnome-shell is not installed). Override: make install GNOME_SHELL_EXT=43.
+GNOME_SHELL_EXT ?= $(shell gnome-shell --version 2>/dev/null | awk '{print ($$3 + 0 > 0 && $$3 + 0 < 45) ? 43 : 45}' | grep . || echo 45)
 EXT_FILES := metadata.json extension.js presentation.js stylesheet.css
 # What `make install` puts down, relative to DESTDIR (used by uninstall and the system test).
 INSTALLED_FILES := $(PREFIX)/bin/tproxyd $(PREFIX)/bin/tproxyctl \
@@ -139,7 +142,7 @@ install:
 	ln -sf $(PREFIX)/lib/tproxyd/bin/tproxyctl $(DESTDIR)$(PREFIX)/bin/tproxyctl
 	ln -sf $(PREFIX)/lib/tproxyd/bin/tproxyd-toggle $(DESTDIR)$(PREFIX)/bin/tproxyd-toggle
 	install -d $(GNOME_EXT)
-	install -m 0644 $(addprefix desktop/gnome-shell/$(EXT_UUID)/,$(EXT_FILES)) $(GNOME_EXT)/
+	install -m 0644 $(addprefix desktop/gnome-shell/$(GNOME_SHELL_EXT)/$(EXT_UUID)/,$(EXT_FILES)) $(GNOME_EXT)/
 	# NetworkManager refuses dispatcher scripts that are not root-owned or are group/world-writable.
 	install -D -o root -g root -m 0755 nm-dispatcher/90-tproxyd $(NM_DISPATCHER)/90-tproxyd
 	install -D -m 0644 desktop/tproxyd-toggle.desktop $(DESTDIR)$(PREFIX)/share/applications/tproxyd-toggle.desktop

@@ -1,6 +1,7 @@
-"""Fixtures for the desktop tier: the GNOME Shell extension in a real headless GNOME Shell 43 and
-the `tproxyd-toggle` fallback, both driving the real tproxyd through the real polkitd on a private
-system bus (tests/integration/harness.py), with a python-dbusmock NetworkManager beside it.
+"""Fixtures for the desktop tier: the GNOME Shell extensions in a real headless GNOME Shell 43 (the
+host's) and 48 (Debian 13's, in a container: container.py) and the `tproxyd-toggle` fallback, all
+driving the real tproxyd through the real polkitd on a private system bus
+(tests/integration/harness.py), with a python-dbusmock NetworkManager beside it.
 
 Names: namespaces `tpg-*`, directories under mkdtemp("tpg-"). Every process is stopped by PID in
 a finally, and the session checks that it left the machine as it found it.
@@ -29,7 +30,11 @@ if TYPE_CHECKING:
 
 REPO = h.REPO
 UUID = "tproxyd@tproxyd.github.io"
-EXTENSION = REPO / "desktop" / "gnome-shell" / UUID
+EXTENSIONS = REPO / "desktop" / "gnome-shell"
+LEGACY_EXTENSION = EXTENSIONS / "43" / UUID  # GNOME 43 and 44: legacy imports
+EXTENSION = EXTENSIONS / "45" / UUID  # GNOME 45 and later: ES modules
+# The shells the toggle is tested in: major version -> the extension it loads.
+SHELL_EXTENSIONS = {43: LEGACY_EXTENSION, 48: EXTENSION}
 CASES = REPO / "desktop" / "tests" / "presentation_cases.json"
 SHELL_USER = h.GRANTED  # uid 1 "daemon": allowed by the test's polkit rule, like a user in netdev
 NM_POLICY = """\
@@ -59,7 +64,7 @@ def _missing_prerequisite() -> str | None:
     if os.geteuid() != 0:
         return "needs root (network namespaces, polkitd, setpriv)"
     tools = ("gnome-shell", "gjs", "gsettings", "dbus-daemon", "busctl", "setpriv", "nft", "ip", "Xvfb", "xdotool",
-             "import", "v2ray")  # fmt: skip
+             "import", "v2ray", "unshare", "nsenter", "debootstrap")  # fmt: skip
     if missing := support.missing_tool(*tools):
         return missing
     if not h.POLKITD.exists():
@@ -207,23 +212,35 @@ def make_daemon(desktop_stack: DesktopStack) -> Iterator[MakeDaemon]:
 # --- GNOME Shell ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shell(desktop_stack: DesktopStack) -> Iterator[ShellSession]:
-    """One headless GNOME Shell 43 per test module, the extension installed and enabled, running
-    as SHELL_USER and talking to the private system bus."""
-    from .shell import ShellSession  # needs python3-gi: imported once the prerequisites are known
+@pytest.fixture(scope="module", params=sorted(SHELL_EXTENSIONS), ids=lambda v: f"gnome{v}")
+def shell(request: pytest.FixtureRequest, desktop_stack: DesktopStack) -> Iterator[ShellSession]:
+    """One headless GNOME Shell per test module and version (43: the host's; 48: Debian 13's in a
+    container sharing the session's directories and the private system bus at the same paths),
+    the version's extension installed and enabled, running as SHELL_USER."""
+    from .container import container  # needs python3-gi: imported once the prerequisites are known
+    from .shell import ShellSession
 
+    version: int = request.param
     workdir = tpg_workdir()
-    session = ShellSession(workdir, desktop_stack.bus.address, SHELL_USER, [EXTENSION], [UUID])
-    try:
-        session.start()
-        yield session
-    finally:
-        session.stop()
-        if os.environ.get("TPD_KEEP_LOGS"):
-            print(f"gnome-shell logs kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        prefix: list[str] = []
+        if version != 43:
+            box_dir = tpg_workdir()
+            stack.callback(shutil.rmtree, box_dir, ignore_errors=True)
+            box = stack.enter_context(container(box_dir, binds=[workdir, desktop_stack.bus.dir]))
+            prefix = box.prefix()
+        session = ShellSession(
+            workdir, desktop_stack.bus.address, SHELL_USER, [SHELL_EXTENSIONS[version]], [UUID], version, prefix
+        )
+        try:
+            session.start()
+            yield session
+        finally:
+            session.stop()
+            if os.environ.get("TPD_KEEP_LOGS"):
+                print(f"gnome-shell logs kept in {workdir}", file=sys.stderr)
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
 
 
 def load_cases() -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""A throw-away headless GNOME Shell 43 session for tests (docs/architecture.md, "Headless GNOME Shell").
+"""A throw-away headless GNOME Shell session for tests (docs/architecture.md, "Headless GNOME
+Shell"): the host's GNOME Shell 43, or Debian 13's GNOME Shell 48 in a container (container.py),
+whose commands then start with its prefix.
 
 The shell runs as an unprivileged user (so polkit decides about it as about a person) under its
 own session dbus-daemon, with every XDG directory in a temp dir, talking to the test's private
@@ -42,6 +44,11 @@ SESSION_BUS_CONF = """\
 </busconfig>
 """
 POINTER = "global._tpgPointer"
+# The input seat: GNOME 48 has it from the stage's context, 43 from Clutter.
+SEAT = (
+    "(global.stage.context?.get_backend() ?? Clutter.get_default_backend()).get_default_seat()"
+    ".create_virtual_device(Clutter.InputDeviceType.POINTER_DEVICE)"
+)
 
 
 def _children(pid: int) -> list[int]:
@@ -104,8 +111,11 @@ def _kill_pids(pids: list[int]) -> None:
 class SessionBus:
     """A session dbus-daemon run as `user`, its socket in `runtime`; root may talk to it too."""
 
-    def __init__(self, workdir: Path, runtime: Path, user: h.User, env: dict[str, str]) -> None:
+    def __init__(
+        self, workdir: Path, runtime: Path, user: h.User, env: dict[str, str], prefix: list[str] | None = None
+    ) -> None:
         self.workdir = workdir
+        self.prefix = prefix or []
         self.user = user
         self.env = env
         self.log = workdir / "session-bus.log"
@@ -119,7 +129,7 @@ class SessionBus:
         read_fd, write_fd = os.pipe()
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                [*as_user(self.user), "dbus-daemon", f"--config-file={conf}", "--nofork", "--nopidfile",
+                [*self.prefix, *as_user(self.user), "dbus-daemon", f"--config-file={conf}", "--nofork", "--nopidfile",
                  f"--print-address={write_fd}"],
                 pass_fds=(write_fd,), env=self.env, cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )  # fmt: skip
@@ -180,8 +190,20 @@ def user_env(home: Path, runtime: Path, user: h.User) -> dict[str, str]:
 
 
 class ShellSession:
-    def __init__(self, workdir: Path, system_bus: str, user: h.User, extensions: list[Path], uuids: list[str]) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        system_bus: str,
+        user: h.User,
+        extensions: list[Path],
+        uuids: list[str],
+        version: int = 43,
+        prefix: list[str] | None = None,
+    ) -> None:
+        """version: the shell's major version; prefix: what runs a command where that shell is."""
         self.workdir = workdir
+        self.version = version
+        self.prefix = prefix or []
         self.system_bus = system_bus
         self.user = user
         self.extensions = extensions
@@ -190,7 +212,7 @@ class ShellSession:
         self.runtime = workdir / "xdg-run"
         self.shots = workdir / "shots"
         self.log = workdir / "gnome-shell.log"
-        self.bus = SessionBus(workdir, self.runtime, user, self.env())
+        self.bus = SessionBus(workdir, self.runtime, user, self.env(), self.prefix)
         self.proc: subprocess.Popen[bytes] | None = None
         self._conn: Any = None
 
@@ -205,7 +227,7 @@ class ShellSession:
         }
 
     def _gsettings(self, schema: str, key: str, value: str) -> None:
-        h.run([*as_user(self.user), "gsettings", "set", schema, key, value], env=self.env(), cwd="/")
+        h.run([*self.prefix, *as_user(self.user), "gsettings", "set", schema, key, value], env=self.env(), cwd="/")
 
     # --- lifetime -----------------------------------------------------------------------------
 
@@ -229,8 +251,8 @@ class ShellSession:
 
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                [*as_user(self.user), GNOME_SHELL, "--headless", "--virtual-monitor", "1280x800", "--wayland",
-                 "--no-x11", "--unsafe-mode"],
+                [*self.prefix, *as_user(self.user), GNOME_SHELL, "--headless", "--virtual-monitor", "1280x800",
+                 "--wayland", "--no-x11", "--unsafe-mode"],
                 env=self.env(), cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )  # fmt: skip
         h.wait_until(self._started, 90, "GNOME Shell to start")
@@ -331,8 +353,7 @@ class ShellSession:
             x, y, w, hh = h.wait_until(settled, timeout, f"{actor_js} to settle", interval=0.05)
             self.eval(
                 f"const {{Clutter, GLib}} = imports.gi;"
-                f"{POINTER} = {POINTER} || Clutter.get_default_backend().get_default_seat()"
-                f".create_virtual_device(Clutter.InputDeviceType.POINTER_DEVICE);"
+                f"{POINTER} = {POINTER} || {SEAT};"
                 f"{POINTER}.notify_absolute_motion(GLib.get_monotonic_time(), {x + w * x_frac}, {y + hh / 2}); true"
             )
             h.wait_until(lambda: self.eval(f"({actor_js}).hover"), timeout, f"the pointer over {actor_js}")
@@ -349,7 +370,6 @@ class ShellSession:
         """Move the pointer to an empty spot of the screen (no hover highlight in screenshots)."""
         self.eval(
             f"const {{Clutter, GLib}} = imports.gi;"
-            f"{POINTER} = {POINTER} || Clutter.get_default_backend().get_default_seat()"
-            f".create_virtual_device(Clutter.InputDeviceType.POINTER_DEVICE);"
+            f"{POINTER} = {POINTER} || {SEAT};"
             f"{POINTER}.notify_absolute_motion(GLib.get_monotonic_time(), 300, 700); true"
         )

@@ -1,5 +1,6 @@
-"""The Quick Settings toggle in a real headless GNOME Shell 43, driving the real tproxyd (in a tpg-
-namespace, links are veths) through the real polkitd on a private system bus.
+"""The Quick Settings toggle in a real headless GNOME Shell 43 (the legacy extension) and 48 (the
+ES-module one, Debian 13's shell in a container), driving the real tproxyd (in a tpg- namespace,
+links are veths) through the real polkitd on a private system bus. Every test runs in both.
 
 What is on screen is read with org.gnome.Shell.Eval and compared with the Python port of the pure
 module for the daemon's real properties (the port and the JS module agree on every case of the
@@ -27,10 +28,12 @@ from .shell import ShellSession
 QS = "Main.panel.statusArea.quickSettings"
 TOGGLE = f"{QS}.menu._grid.get_children().find(c => c.name === 'tproxyd-toggle')"
 INDICATOR = f"{QS}._indicators.get_children().find(c => c.name === 'tproxyd-indicator')"
+# GNOME 43's toggle has one line (`label`); 44 and later have `title` and `subtitle`.
 READ = f"""(() => {{
-  const t = {TOGGLE}; const ind = {INDICATOR}; const icon = ind._icon;
+  const t = {TOGGLE}; const ind = {INDICATOR}; const icon = ind._icon; const lines = 'subtitle' in t;
   return {{
-    sensitive: t.reactive, checked: t.checked, status: t.label, icon: t.icon_name,
+    sensitive: t.reactive, checked: t.checked, title: lines ? t.title : null,
+    status: lines ? t.subtitle : t.label, icon: t.icon_name,
     accessibleName: t.accessible_name,
     headerTitle: t.menu._headerTitle.text, headerSubtitle: t.menu._headerSubtitle.text,
     indicator: {{visible: ind.visible && icon.visible, icon: icon.icon_name,
@@ -50,9 +53,10 @@ def shown(shell: ShellSession) -> dict[str, Any]:
     return value
 
 
-def expected(running: bool, props: dict[str, Any] | None) -> dict[str, Any]:
+def expected(shell: ShellSession, running: bool, props: dict[str, Any] | None) -> dict[str, Any]:
     view = P.present({"running": running, "props": props, "nmLinks": list(NM_DEVICES)})
     out = {k: view[k] for k in SHOWN_KEYS}
+    out["title"] = view["title"] if shell.version >= 44 else None
     out["rows"] = [{"text": r["text"], "on": r.get("on") if r["kind"] == "link" else None} for r in view["rows"]]
     return out
 
@@ -67,14 +71,15 @@ def wait_shows(shell: ShellSession, bus: h.PrivateBus, timeout: float = 10, **wa
         running = bus.has_owner(names.BUS_NAME)
         props = bus.properties() if running else None
         last = shown(shell)
-        return last == expected(running, props) and all(last.get(k) == v for k, v in want.items())
+        return last == expected(shell, running, props) and all(last.get(k) == v for k, v in want.items())
 
     try:
         h.wait_until(ok, timeout, f"the toggle to show {want or 'the daemon state'}")
     except AssertionError:
         running = bus.has_owner(names.BUS_NAME)
         raise AssertionError(
-            f"the toggle shows {last}\nexpected {expected(running, bus.properties() if running else None)} + {want}"
+            f"the toggle shows {last}\nexpected {expected(shell, running, bus.properties() if running else None)}"
+            f" + {want}"
         ) from None
     return last
 
@@ -103,16 +108,19 @@ def clear_notifications(shell: ShellSession) -> None:
 
 def notifications(shell: ShellSession) -> list[list[str]]:
     value: list[list[str]] = shell.eval(
-        "Main.messageTray.getSources().flatMap(s => s.notifications.map(n => [n.title, n.bannerBodyText]))"
+        # GNOME 43's notifications have bannerBodyText, 48's a body
+        "Main.messageTray.getSources().flatMap(s => s.notifications.map(n => [n.title, n.bannerBodyText ?? n.body]))"
     )
     return value
 
 
 def screenshot(shell: ShellSession, name: str) -> Path:
-    """The open menu, pointer parked, after the shell has drawn it."""
+    """The open menu, pointer parked, after the shell has drawn it: gnome-shell-NAME.png for GNOME 43
+    (as before), gnome-shell-48-NAME.png for 48."""
     shell.park_pointer()
     shell.eval("global.stage.queue_redraw(); true")
-    return shell.screenshot(output_dir() / f"gnome-shell-{name}.png")
+    version = "" if shell.version == 43 else f"{shell.version}-"
+    return shell.screenshot(output_dir() / f"gnome-shell-{version}{name}.png")
 
 
 @pytest.fixture(autouse=True)
@@ -126,8 +134,20 @@ def clean_shell(shell: ShellSession) -> Iterator[None]:
     close_menus(shell)
 
 
+def extension_settled(shell: ShellSession) -> dict[str, Any]:
+    """GetExtensionInfo once the load is over: ENABLED (1), or an error message. While an extension
+    loads, GNOME 48 can briefly report state 3 (ERROR) with an empty `error`: not final."""
+
+    def final() -> dict[str, Any] | None:
+        info = shell.extension_info(UUID)
+        return info if info["state"] == 1.0 or info.get("error") else None
+
+    info: dict[str, Any] = h.wait_until(final, 20, f"{UUID} to be enabled or to fail")
+    return info
+
+
 def test_extension_loads_enabled_without_js_errors(shell: ShellSession, desktop_stack: DesktopStack) -> None:
-    info = shell.extension_info(UUID)
+    info = extension_settled(shell)
     assert info["state"] == 1.0, info  # ENABLED
     assert not info.get("error"), info
     assert shell.js_errors() == []
@@ -153,7 +173,7 @@ def test_disable_and_enable_at_runtime(shell: ShellSession, desktop_stack: Deskt
             GLib.Variant("(s)", (UUID,)),
         )  # fmt: skip
         h.wait_until(lambda w=want: counts() == w, 10, f"{method} to take effect")
-    assert shell.extension_info(UUID)["state"] == 1.0
+    assert extension_settled(shell)["state"] == 1.0
     wait_shows(shell, desktop_stack.bus, status="tproxyd is not running")
 
 

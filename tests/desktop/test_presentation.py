@@ -1,21 +1,26 @@
-"""The state-to-presentation logic: the extension's pure JS module under gjs, and the Python
-fallback's port of it, both against the same table (desktop/tests/presentation_cases.json)."""
+"""The state-to-presentation logic: the extensions' pure JS module under gjs (the ES module and the
+legacy copy generated from it), and the Python fallback's port of it, all against the same table
+(desktop/tests/presentation_cases.json); and the two extensions' files."""
 
 from __future__ import annotations
 
 import configparser
+import importlib.util
 import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tproxy_service.toggle import presentation as P
 
-from .conftest import CASES, EXTENSION, REPO, UUID
+from .conftest import CASES, EXTENSION, EXTENSIONS, LEGACY_EXTENSION, REPO, UUID
 
 GJS_TESTS = REPO / "desktop" / "tests" / "test_presentation.js"
+MAKE_LEGACY = EXTENSIONS / "make_legacy.py"
 TABLE: dict[str, Any] = json.loads(CASES.read_text())
 
 
@@ -27,19 +32,24 @@ def gjs() -> str:
 
 
 def test_gjs_unit_tests_of_the_pure_module() -> None:
-    """Every State, no links and many links, the service absent, the notifications: the JS
-    module gives exactly the table's output (and the words the issue names)."""
-    proc = subprocess.run([gjs(), str(GJS_TESTS)], capture_output=True, text=True, timeout=60, cwd="/")
+    """Every State, no links and many links, the service absent, the notifications: the ES module
+    and its legacy copy each give exactly the table's output (and the words the issue names)."""
+    proc = subprocess.run([gjs(), "-m", str(GJS_TESTS)], capture_output=True, text=True, timeout=60, cwd="/")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
     passed = int(last.split()[0])
-    assert last == f"{passed} passed, 0 failed" and passed >= len(TABLE["present"]) + len(TABLE["notifications"])
+    cases = len(TABLE["present"]) + len(TABLE["notifications"])
+    assert last == f"{passed} passed, 0 failed" and passed >= 2 * cases
+    for kind in ("es", "legacy"):
+        assert sum(line.startswith(f"ok {kind}: present: ") for line in proc.stdout.splitlines()) == len(
+            TABLE["present"]
+        ), kind
     assert "FAIL" not in proc.stdout and proc.stderr == "", proc.stderr
 
 
 def test_the_table_is_what_the_js_module_prints() -> None:
     """The checked-in table is exactly `--print`'s output: no hand edits that gjs does not agree with."""
-    proc = subprocess.run([gjs(), str(GJS_TESTS), "--print"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([gjs(), "-m", str(GJS_TESTS), "--print"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == TABLE
 
@@ -54,21 +64,94 @@ def test_python_port_notifies_like_the_extension(case: dict[str, Any]) -> None:
     assert P.notification_for(case["request"], case["error"], case["message"]) == case["expect"]
 
 
-def test_extension_files() -> None:
-    """metadata.json names the directory's uuid and GNOME 43/44; extension.js and the pure module
-    are valid JavaScript for gjs (a syntax error would only show once the shell loads them)."""
-    meta = json.loads((EXTENSION / "metadata.json").read_text())
-    assert meta["uuid"] == UUID == EXTENSION.name
-    assert meta["shell-version"] == ["43", "44"]
-    for name in ("extension.js", "presentation.js", "stylesheet.css"):
-        assert (EXTENSION / name).is_file()
-    script = (
-        "const {GLib} = imports.gi; for (const f of ARGV) {"
-        " const [, b] = GLib.file_get_contents(f); new Function(new TextDecoder().decode(b)); }"
-    )
-    files = [str(EXTENSION / "extension.js"), str(EXTENSION / "presentation.js")]
-    proc = subprocess.run([gjs(), "-c", script, *files], capture_output=True, text=True, timeout=60)
+def test_the_legacy_module_is_generated_from_the_es_module() -> None:
+    """One source: the GNOME 43/44 copy of presentation.js is exactly what make_legacy.py makes of
+    the ES module (only the exports differ), so a change to one reaches both extensions."""
+    proc = subprocess.run([sys.executable, str(MAKE_LEGACY), "--check"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+    legacy = (LEGACY_EXTENSION / "presentation.js").read_text()
+    source = (EXTENSION / "presentation.js").read_text()
+    strip = str.maketrans("", "", " \n")
+    body = (
+        source[source.index("export const TITLE") :]
+        .replace("export const ", "var ")
+        .replace("export function", "function")
+    )
+    assert body.translate(strip) in legacy.translate(strip)
+
+
+def test_the_generator_refuses_exports_it_cannot_convert() -> None:
+    spec = importlib.util.spec_from_file_location("make_legacy", MAKE_LEGACY)
+    assert spec is not None and spec.loader is not None
+    make_legacy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_legacy)
+    with pytest.raises(ValueError, match="only `export const` and `export function`"):
+        make_legacy.legacy_module("// x\nexport default class {}\n")
+    assert make_legacy.legacy_module("// x\nexport const A = 1;\nexport function f() {}\n") == (
+        "// x\n// GENERATED from ../../45/tproxyd@tproxyd.github.io/presentation.js by "
+        "desktop/gnome-shell/make_legacy.py:\n// do not edit (edit the ES module, then run the script).\n"
+        "var A = 1;\nfunction f() {}\n\n/* exported A, f */\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "extension, versions",
+    [(LEGACY_EXTENSION, ["43", "44"]), (EXTENSION, ["45", "46", "47", "48", "49"])],
+    ids=["gnome43-44", "gnome45-49"],
+)
+def test_extension_files(extension: Path, versions: list[str]) -> None:
+    """metadata.json names the directory's uuid and its GNOME versions; both extensions have the
+    same files (`make install` installs one set); the legacy one is valid script JavaScript for gjs
+    (a syntax error would only show once the shell loads it)."""
+    meta = json.loads((extension / "metadata.json").read_text())
+    assert meta["uuid"] == UUID == extension.name
+    assert meta["shell-version"] == versions
+    assert sorted(p.name for p in extension.iterdir()) == [
+        "extension.js",
+        "metadata.json",
+        "presentation.js",
+        "stylesheet.css",
+    ]
+    assert (extension / "stylesheet.css").read_text() == (LEGACY_EXTENSION / "stylesheet.css").read_text()
+    if extension == LEGACY_EXTENSION:
+        script = (
+            "const {GLib} = imports.gi; for (const f of ARGV) {"
+            " const [, b] = GLib.file_get_contents(f); new Function(new TextDecoder().decode(b)); }"
+        )
+        files = [str(extension / "extension.js"), str(extension / "presentation.js")]
+        proc = subprocess.run([gjs(), "-c", script, *files], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "version, chosen", [("GNOME Shell 43.9", "43"), ("GNOME Shell 44.2", "43"), ("GNOME Shell 48.7", "45"),
+                        ("GNOME Shell 49.1", "45"), (None, "45")],
+)  # fmt: skip
+def test_make_install_picks_the_extension_for_the_installed_shell(
+    tmp_path: Path, version: str | None, chosen: str
+) -> None:
+    """`make install` installs the legacy extension under GNOME 43/44 and the ES-module one under
+    45 and later, or where gnome-shell is not installed (`gnome-shell --version` decides)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("awk", "grep"):
+        (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
+    if version is not None:
+        fake = bin_dir / "gnome-shell"
+        fake.write_text(f"#!/bin/sh\necho '{version}'\n")
+        fake.chmod(0o755)
+    make = shutil.which("make")
+    assert make is not None
+    proc = subprocess.run(
+        [make, "-n", "--no-print-directory", "-C", str(REPO), "install", f"DESTDIR={tmp_path / 'root'}"],
+        env={"PATH": str(bin_dir)}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    installs = [line for line in proc.stdout.splitlines() if line.startswith("install -m 0644 desktop/gnome-shell/")]
+    assert len(installs) == 1, proc.stdout
+    files = installs[0].split()[3:-1]
+    assert files == [f"desktop/gnome-shell/{chosen}/{UUID}/{name}" for name in
+                     ("metadata.json", "extension.js", "presentation.js", "stylesheet.css")]  # fmt: skip
 
 
 def test_fallback_desktop_file() -> None:
