@@ -112,7 +112,7 @@ GNOME_EXT := $(DESTDIR)$(PREFIX)/share/gnome-shell/extensions/$(EXT_UUID)
 # Which extension: desktop/gnome-shell/43 (legacy imports: GNOME 43, 44) or 45 (ES modules: 45 and
 # later, also where gnome-shell is not installed). Override: make install GNOME_SHELL_EXT=43.
 GNOME_SHELL_EXT ?= $(shell gnome-shell --version 2>/dev/null | awk '{print ($$3 + 0 > 0 && $$3 + 0 < 45) ? 43 : 45}' | grep . || echo 45)
-EXT_FILES := metadata.json extension.js presentation.js stylesheet.css
+EXT_FILES := metadata.json extension.js client.js presentation.js toggle.js stylesheet.css
 # What `make install` puts down, relative to DESTDIR (used by uninstall and the system test).
 INSTALLED_FILES := $(PREFIX)/bin/tproxyd $(PREFIX)/bin/tproxyctl \
 	/lib/systemd/system/tproxyd.service /lib/systemd/system/tproxyd-core.service \

@@ -1,13 +1,24 @@
 #!/usr/bin/env python3
-"""Writes the GNOME Shell 43/44 extension's presentation.js from the one source, the 45+ ES module.
+"""Writes the GNOME Shell 43/44 extension's shared modules from their one source, the 45+ ES modules.
 
 GNOME 43/44 load an extension's modules with the legacy `imports`, which export a script's
-top-level `var`s and functions; 45+ import ES modules. The logic is the same, so only the
-exports differ: `export const X` becomes `var X`, `export function f` becomes `function f`.
-Any other form of `export` is refused (it would have no legacy equivalent here).
+top-level `var`s and functions; 45+ import ES modules. The code is the same, so only the module
+lines differ, and only these forms are accepted (anything else is refused: it has no legacy
+equivalent here):
 
-    python3 desktop/gnome-shell/make_legacy.py           write 43/.../presentation.js
-    python3 desktop/gnome-shell/make_legacy.py --check   exit 1 if it is not what this writes
+    import X from 'gi://X';                                   const X = imports.gi.X;
+    import * as X from 'resource:///org/gnome/shell/ui/m.js'; const X = imports.ui.m;
+    import {A, B} from 'resource:///org/gnome/shell/ui/m.js'; const {A, B} = imports.ui.m;
+    import * as X from './m.js';                              const X = <the extension>.imports.m;
+    import {A, B} from './m.js';                              const {A, B} = <the extension>.imports.m;
+    export const X = ...                                      var X = ...
+    export function f(...)                                    function f(...)
+    export class C {  ...  }   (the body ends at a `}` line)  var C = class C {  ...  };
+
+The entry point, extension.js, is written by hand for each (they reach the Shell differently).
+
+    python3 desktop/gnome-shell/make_legacy.py           write 43/.../{presentation,client,toggle}.js
+    python3 desktop/gnome-shell/make_legacy.py --check   exit 1 if they are not what this writes
 """
 
 from __future__ import annotations
@@ -18,38 +29,84 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 UUID = "tproxyd@tproxyd.github.io"
-SOURCE = HERE / "45" / UUID / "presentation.js"
-LEGACY = HERE / "43" / UUID / "presentation.js"
-EXPORT = re.compile(r"^export (const|function) ([A-Za-z_$][\w$]*)", re.MULTILINE)
+SOURCE_DIR = HERE / "45" / UUID
+LEGACY_DIR = HERE / "43" / UUID
+MODULES = ("presentation.js", "client.js", "toggle.js")
+ME = "imports.misc.extensionUtils.getCurrentExtension().imports"
+NAME = r"[A-Za-z_$][\w$]*"
+NAMES = rf"\{{\s*{NAME}(?:\s*,\s*{NAME})*\s*\}}"
+IMPORTS = (
+    (re.compile(rf"^import ({NAME}) from 'gi://\1';$"), lambda m: f"const {m[1]} = imports.gi.{m[1]};"),
+    (
+        re.compile(rf"^import (\* as ({NAME})|{NAMES}) from 'resource:///org/gnome/shell/ui/({NAME})\.js';$"),
+        lambda m: f"const {m[2] or m[1]} = imports.ui.{m[3]};",
+    ),
+    (
+        re.compile(rf"^import (\* as ({NAME})|{NAMES}) from '\./({NAME})\.js';$"),
+        lambda m: f"const {m[2] or m[1]} = {ME}.{m[3]};",
+    ),
+)
+EXPORT = re.compile(rf"^export (const|function|class) ({NAME})\b(.*)$")
 
 
-def legacy_module(source: str) -> str:
-    """The legacy-`imports` variant of the ES module `source`."""
-    exported = [name for _, name in EXPORT.findall(source)]
+def legacy_module(source: str, name: str = "module.js") -> str:
+    """The legacy-`imports` variant of the ES module `source` (`name`: for error messages)."""
+    out: list[str] = []
+    exported: list[str] = []
+    in_class = False
     for number, line in enumerate(source.splitlines(), 1):
-        if re.match(r"\s*(export|import)\b", line) and not EXPORT.match(line):
-            raise ValueError(f"{SOURCE.name}:{number}: only `export const` and `export function` can be converted")
-    body = EXPORT.sub(lambda m: f"{'var' if m[1] == 'const' else 'function'} {m[2]}", source)
-    header = (
-        f"// GENERATED from ../../45/{UUID}/presentation.js by desktop/gnome-shell/make_legacy.py:\n"
-        "// do not edit (edit the ES module, then run the script).\n"
-    )
-    exports = f"/* exported {', '.join(exported)} */\n"
-    license_line, rest = body.split("\n", 1)
-    return f"{license_line}\n{header}{rest.rstrip()}\n\n{exports}"
+        converted = _convert_import(line) if line.startswith("import") else None
+        if converted is not None:
+            out.append(converted)
+            continue
+        if match := EXPORT.match(line):
+            kind, symbol, rest = match.groups()
+            exported.append(symbol)
+            if kind == "class":
+                in_class = True
+                out.append(f"var {symbol} = class {symbol}{rest}")
+            else:
+                out.append(f"{'var' if kind == 'const' else 'function'} {symbol}{rest}")
+            continue
+        if re.match(r"\s*(export|import)\b", line):
+            raise ValueError(f"{name}:{number}: this import or export has no legacy form: {line.strip()}")
+        if in_class and line == "}":
+            in_class, line = False, "};"
+        out.append(line)
+    if in_class:
+        raise ValueError(f"{name}: an exported class does not end with a `}}` line")
+    license_line, *rest = out
+    header = [
+        f"// GENERATED from ../../45/{UUID}/{name} by desktop/gnome-shell/make_legacy.py:",
+        "// do not edit (edit the ES module, then run the script).",
+    ]
+    body = "\n".join(rest).rstrip()
+    return f"{license_line}\n" + "\n".join(header) + f"\n{body}\n\n/* exported {', '.join(exported)} */\n"
+
+
+def _convert_import(line: str) -> str | None:
+    for pattern, replace in IMPORTS:
+        if match := pattern.match(line):
+            return replace(match)
+    return None
 
 
 def main(argv: list[str]) -> int:
-    wanted = legacy_module(SOURCE.read_text())
-    if argv[1:] == ["--check"]:
-        if LEGACY.read_text() != wanted:
-            print(f"{LEGACY} is out of date: run python3 {Path(__file__).relative_to(Path.cwd())}", file=sys.stderr)
-            return 1
-        return 0
-    if argv[1:]:
+    if argv[1:] not in ([], ["--check"]):
         print(__doc__, file=sys.stderr)
         return 2
-    LEGACY.write_text(wanted)
+    stale = []
+    for name in MODULES:
+        wanted = legacy_module((SOURCE_DIR / name).read_text(), name)
+        target = LEGACY_DIR / name
+        if argv[1:] == ["--check"]:
+            if not target.exists() or target.read_text() != wanted:
+                stale.append(str(target))
+        else:
+            target.write_text(wanted)
+    if stale:
+        print(f"out of date: {', '.join(stale)}: run python3 desktop/gnome-shell/make_legacy.py", file=sys.stderr)
+        return 1
     return 0
 
 

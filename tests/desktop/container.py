@@ -11,6 +11,7 @@ run inside through `nsenter` (prefix())."""
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,6 +99,18 @@ class Container:
         assert self.proc.stdout is not None
         self.proc.stdout.close()
         self.proc = None
+        left = self.processes()
+        assert not left, f"processes of the container outlived it: {left}"
+
+    def processes(self) -> list[int]:
+        """Host PIDs of the processes whose root is the container's."""
+        root = str(self.workdir / "root")
+        found = []
+        for entry in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                if entry.name.isdigit() and os.readlink(entry / "root") == root:
+                    found.append(int(entry.name))
+        return found
 
 
 @contextlib.contextmanager

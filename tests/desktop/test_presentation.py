@@ -21,6 +21,8 @@ from .conftest import CASES, EXTENSION, EXTENSIONS, LEGACY_EXTENSION, REPO, UUID
 
 GJS_TESTS = REPO / "desktop" / "tests" / "test_presentation.js"
 MAKE_LEGACY = EXTENSIONS / "make_legacy.py"
+# What `make install` installs of an extension (the Makefile's EXT_FILES)
+EXT_FILES = ("metadata.json", "extension.js", "client.js", "presentation.js", "toggle.js", "stylesheet.css")
 TABLE: dict[str, Any] = json.loads(CASES.read_text())
 
 
@@ -64,34 +66,60 @@ def test_python_port_notifies_like_the_extension(case: dict[str, Any]) -> None:
     assert P.notification_for(case["request"], case["error"], case["message"]) == case["expect"]
 
 
-def test_the_legacy_module_is_generated_from_the_es_module() -> None:
-    """One source: the GNOME 43/44 copy of presentation.js is exactly what make_legacy.py makes of
-    the ES module (only the exports differ), so a change to one reaches both extensions."""
-    proc = subprocess.run([sys.executable, str(MAKE_LEGACY), "--check"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    legacy = (LEGACY_EXTENSION / "presentation.js").read_text()
-    source = (EXTENSION / "presentation.js").read_text()
-    strip = str.maketrans("", "", " \n")
-    body = (
-        source[source.index("export const TITLE") :]
-        .replace("export const ", "var ")
-        .replace("export function", "function")
-    )
-    assert body.translate(strip) in legacy.translate(strip)
-
-
-def test_the_generator_refuses_exports_it_cannot_convert() -> None:
+def _make_legacy() -> Any:
     spec = importlib.util.spec_from_file_location("make_legacy", MAKE_LEGACY)
     assert spec is not None and spec.loader is not None
-    make_legacy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_legacy)
-    with pytest.raises(ValueError, match="only `export const` and `export function`"):
-        make_legacy.legacy_module("// x\nexport default class {}\n")
-    assert make_legacy.legacy_module("// x\nexport const A = 1;\nexport function f() {}\n") == (
-        "// x\n// GENERATED from ../../45/tproxyd@tproxyd.github.io/presentation.js by "
-        "desktop/gnome-shell/make_legacy.py:\n// do not edit (edit the ES module, then run the script).\n"
-        "var A = 1;\nfunction f() {}\n\n/* exported A, f */\n"
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_legacy_modules_are_generated_from_the_es_modules() -> None:
+    """One source: the GNOME 43/44 copies of presentation.js, client.js and toggle.js are exactly
+    what make_legacy.py makes of the ES modules, so a change to one reaches both extensions."""
+    proc = subprocess.run([sys.executable, str(MAKE_LEGACY), "--check"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert _make_legacy().MODULES == ("presentation.js", "client.js", "toggle.js")
+
+
+def test_the_generator_converts_module_lines_and_nothing_else() -> None:
+    convert = _make_legacy().legacy_module
+    source = (
+        "// x\n"
+        "import Gio from 'gi://Gio';\n"
+        "import * as Main from 'resource:///org/gnome/shell/ui/main.js';\n"
+        "import {QuickMenuToggle, SystemIndicator} from 'resource:///org/gnome/shell/ui/quickSettings.js';\n"
+        "import {Client} from './client.js';\n"
+        "import * as P from './presentation.js';\n"
+        "export const A = 1; // export stays in comments\n"
+        "export function f() {}\n"
+        "export class C {\n    m() {}\n}\n"
     )
+    me = "imports.misc.extensionUtils.getCurrentExtension().imports"
+    assert convert(source, "m.js") == (
+        "// x\n// GENERATED from ../../45/tproxyd@tproxyd.github.io/m.js by desktop/gnome-shell/make_legacy.py:\n"
+        "// do not edit (edit the ES module, then run the script).\n"
+        "const Gio = imports.gi.Gio;\n"
+        "const Main = imports.ui.main;\n"
+        "const {QuickMenuToggle, SystemIndicator} = imports.ui.quickSettings;\n"
+        f"const {{Client}} = {me}.client;\n"
+        f"const P = {me}.presentation;\n"
+        "var A = 1; // export stays in comments\n"
+        "function f() {}\n"
+        "var C = class C {\n    m() {}\n};\n\n"
+        "/* exported A, f, C */\n"
+    )
+    for bad in (
+        "export default class {}",
+        "export {A};",
+        "import Foo from 'gi://Bar';",
+        "import * as X from 'resource:///org/gnome/shell/extensions/extension.js';",
+        "import X from './x.js';",
+    ):
+        with pytest.raises(ValueError, match="has no legacy form"):
+            convert(f"// x\n{bad}\n", "m.js")
+    with pytest.raises(ValueError, match="does not end with a `}` line"):
+        convert("// x\nexport class C {\n    m() {}\n", "m.js")
 
 
 @pytest.mark.parametrize(
@@ -106,19 +134,14 @@ def test_extension_files(extension: Path, versions: list[str]) -> None:
     meta = json.loads((extension / "metadata.json").read_text())
     assert meta["uuid"] == UUID == extension.name
     assert meta["shell-version"] == versions
-    assert sorted(p.name for p in extension.iterdir()) == [
-        "extension.js",
-        "metadata.json",
-        "presentation.js",
-        "stylesheet.css",
-    ]
+    assert sorted(p.name for p in extension.iterdir()) == sorted(EXT_FILES)
     assert (extension / "stylesheet.css").read_text() == (LEGACY_EXTENSION / "stylesheet.css").read_text()
     if extension == LEGACY_EXTENSION:
         script = (
             "const {GLib} = imports.gi; for (const f of ARGV) {"
             " const [, b] = GLib.file_get_contents(f); new Function(new TextDecoder().decode(b)); }"
         )
-        files = [str(extension / "extension.js"), str(extension / "presentation.js")]
+        files = [str(path) for path in sorted(extension.glob("*.js"))]
         proc = subprocess.run([gjs(), "-c", script, *files], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
 
@@ -150,8 +173,7 @@ def test_make_install_picks_the_extension_for_the_installed_shell(
     installs = [line for line in proc.stdout.splitlines() if line.startswith("install -m 0644 desktop/gnome-shell/")]
     assert len(installs) == 1, proc.stdout
     files = installs[0].split()[3:-1]
-    assert files == [f"desktop/gnome-shell/{chosen}/{UUID}/{name}" for name in
-                     ("metadata.json", "extension.js", "presentation.js", "stylesheet.css")]  # fmt: skip
+    assert files == [f"desktop/gnome-shell/{chosen}/{UUID}/{name}" for name in EXT_FILES]
 
 
 def test_fallback_desktop_file() -> None:
