@@ -147,6 +147,7 @@ def extension_settled(shell: ShellSession) -> dict[str, Any]:
 
 
 def test_extension_loads_enabled_without_js_errors(shell: ShellSession, desktop_stack: DesktopStack) -> None:
+    assert f"Running GNOME Shell (using mutter {shell.version}." in shell.log.read_text(errors="replace")
     info = extension_settled(shell)
     assert info["state"] == 1.0, info  # ENABLED
     assert not info.get("error"), info

@@ -42,22 +42,33 @@ PACKAGES = (
 # Bump when the way the rootfs is built changes (not needed for PACKAGES: they are hashed).
 RECIPE = 1
 MUST_HAVE = ("usr/bin/gnome-shell", "usr/bin/dbus-daemon", "usr/bin/gsettings", "usr/bin/setpriv")
+BUILD_PREFIX = f"gnome-{SUITE}-rootfs"
 
 
 def key() -> str:
     return images._key({"suite": SUITE, "variant": VARIANT, "packages": sorted(PACKAGES), "recipe": RECIPE})
 
 
+def _use(entry: Path) -> bool:
+    """Whether the entry exists; marks it used now (its mtime: the cache may prune unused ones)."""
+    if not entry.is_dir():
+        return False
+    os.utime(entry)
+    return True
+
+
 def ensure_rootfs(log: Path) -> tuple[Path, float]:
     """The cached GNOME Shell 48 rootfs, built if missing; returns (path, seconds spent building)."""
     target = images.CACHE_DIR / f"rootfs-gnome-{SUITE}-{key()}"
-    if target.is_dir():
+    if _use(target):
         return target, 0.0
-    with images._locked(f"rootfs-gnome-{SUITE}"):
-        if target.is_dir():  # another run built it while we waited for the lock
+    # The build directory's name must not match the system tier's `.build-rootfs-*`: that tier
+    # removes those as stale under its own lock, while this build may be running.
+    with images._locked(BUILD_PREFIX):
+        if _use(target):  # another run built it while we waited for the lock
             return target, 0.0
-        images._remove_stale_builds(f"rootfs-gnome-{SUITE}")
-        build = Path(tempfile.mkdtemp(prefix=f".build-rootfs-gnome-{SUITE}-{key()}-", dir=images.CACHE_DIR))
+        images._remove_stale_builds(BUILD_PREFIX)
+        build = Path(tempfile.mkdtemp(prefix=f".build-{BUILD_PREFIX}-{key()}-", dir=images.CACHE_DIR))
         started = time.monotonic()
         try:
             tree = build / "rootfs"
