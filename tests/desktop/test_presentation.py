@@ -7,9 +7,11 @@ from __future__ import annotations
 import configparser
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +146,34 @@ def test_extension_files(extension: Path, versions: list[str]) -> None:
         files = [str(path) for path in sorted(extension.glob("*.js"))]
         proc = subprocess.run([gjs(), "-c", script, *files], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
+
+
+def _members(node: ET.Element) -> dict[str, tuple[str, ...]]:
+    """method name -> its args' (direction, type); property name -> (type, access)."""
+    members: dict[str, tuple[str, ...]] = {}
+    for method in node.iter("method"):
+        members[method.attrib["name"]] = tuple(
+            f"{a.get('direction', 'in')} {a.attrib['type']}" for a in method.iter("arg")
+        )
+    for prop in node.iter("property"):
+        members[prop.attrib["name"]] = (prop.attrib["type"], prop.attrib["access"])
+    return members
+
+
+def test_the_client_speaks_the_shipped_interface() -> None:
+    """client.js carries the part of io.github.Tproxyd.Manager1 it uses: every member it names is in
+    the shipped introspection XML with the same signature."""
+    source = (EXTENSION / "client.js").read_text()
+    iface = re.search(r"^const MANAGER_IFACE = '([^']+)';$", source, re.MULTILINE)
+    xml = re.search(r"^const MANAGER_XML = `(.*?)`;$", source, re.MULTILINE | re.DOTALL)
+    assert iface and xml
+    used = _members(ET.fromstring(xml[1].replace("${MANAGER_IFACE}", iface[1])))
+    shipped_iface = (
+        ET.parse(REPO / "dbus" / "io.github.Tproxyd.Manager1.xml").getroot().find(f"interface[@name='{iface[1]}']")
+    )
+    assert shipped_iface is not None
+    shipped = _members(shipped_iface)
+    assert used and {name: shipped.get(name) for name in used} == used
 
 
 @pytest.mark.parametrize(
