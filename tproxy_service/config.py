@@ -17,6 +17,7 @@ from .model import (
     BypassSettings,
     Config,
     CoreSettings,
+    DnsHijack,
     FailurePolicy,
     LinkMode,
     NetworkManagerSettings,
@@ -84,6 +85,10 @@ def _is_bool(v: Any) -> str | None:
     return None if isinstance(v, bool) else f"must be true or false, got {_show(v)}"
 
 
+# The old boolean spellings keep their old meaning: true was "DNS to connected subnets".
+_DNS_HIJACK: dict[Any, DnsHijack] = {True: DnsHijack.LAN, False: DnsHijack.OFF} | {m.value: m for m in DnsHijack}
+
+
 def _show(v: Any) -> str:
     text = repr(v)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -97,7 +102,11 @@ _TPROXY_KEYS: dict[str, Callable[[Any], str | None]] = {
     "rule_priority": _int_in(1, 32765),
     "ipv6": _is_bool,
     "udp": _is_bool,
-    "dns_hijack": _is_bool,
+    "dns_hijack": lambda v: (
+        None
+        if isinstance(v, bool) or (isinstance(v, str) and v in _DNS_HIJACK)
+        else f'must be "off", "lan" or "all" (true and false are the old spellings of "lan" and "off"), got {_show(v)}'
+    ),
     "failure_policy": lambda v: None if v in ("open", "closed") else f'must be "open" or "closed", got {_show(v)}',
 }
 _BYPASS_KEYS: dict[str, Callable[[Any], str | None]] = {
@@ -234,8 +243,9 @@ def parse_config(text: str, name: str = "<config>", base: Path | None = None) ->
     networkmanager = _networkmanager(src, nm_t)
 
     tproxy = TproxySettings(
-        **{k: v for k, v in tproxy_t.items() if k != "failure_policy"},
+        **{k: v for k, v in tproxy_t.items() if k not in ("failure_policy", "dns_hijack")},
         failure_policy=FailurePolicy(tproxy_t.get("failure_policy", "open")),
+        dns_hijack=_DNS_HIJACK[tproxy_t.get("dns_hijack", "all")],
     )
     if tproxy.mark == tproxy.core_mark:
         raise src.error("tproxy", "core_mark", "must differ from tproxy.mark, or the core's traffic loops")

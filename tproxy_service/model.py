@@ -26,6 +26,14 @@ class FailurePolicy(enum.StrEnum):
     CLOSED = "closed"
 
 
+class DnsHijack(enum.StrEnum):
+    """Which port-53 traffic goes to the core even where the destination would be bypassed."""
+
+    OFF = "off"  # none: DNS is ordinary traffic
+    LAN = "lan"  # DNS to directly connected subnets (the LAN's router as resolver)
+    ALL = "all"  # that, and from lan links' clients DNS to any address, this gateway's own included
+
+
 class ServiceState(enum.StrEnum):
     OFF = "off"
     STARTING = "starting"
@@ -61,7 +69,7 @@ class TproxySettings:
     rule_priority: int = 10100
     ipv6: bool = True
     udp: bool = True
-    dns_hijack: bool = True
+    dns_hijack: DnsHijack = DnsHijack.ALL
     failure_policy: FailurePolicy = FailurePolicy.OPEN
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tproxy_service.cidrs import parse_cidrs, union
 from tproxy_service.desired import RESERVED
-from tproxy_service.model import AddressSet, FailurePolicy, NftState, TproxySettings
+from tproxy_service.model import AddressSet, DnsHijack, FailurePolicy, NftState, TproxySettings
 
 USER = parse_cidrs(["198.51.100.128/25", "2001:db8:ffff::/48", "192.0.2.10"], "test")
 LOCAL = parse_cidrs(["203.0.113.0/24", "10.77.0.0/24", "2001:db8:1::/64", "fd77::/64"], "test")
@@ -25,7 +25,10 @@ def _state(settings: TproxySettings, **kw: object) -> NftState:
 SCENARIOS: dict[str, NftState] = {
     "default": _state(TproxySettings()),
     "ipv4_tcp_only": _state(TproxySettings(ipv6=False, udp=False)),
-    "no_dns_hijack_custom_ports": _state(TproxySettings(port=7893, mark=0x2333, core_mark=0xFF00, dns_hijack=False)),
+    "no_dns_hijack_custom_ports": _state(
+        TproxySettings(port=7893, mark=0x2333, core_mark=0xFF00, dns_hijack=DnsHijack.OFF)
+    ),
+    "dns_hijack_lan": _state(TproxySettings(dns_hijack=DnsHijack.LAN)),
     "closed_policy": _state(TproxySettings(failure_policy=FailurePolicy.CLOSED)),
     "empty_sets": _state(
         TproxySettings(),

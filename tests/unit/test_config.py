@@ -6,7 +6,7 @@ import pytest
 
 from tproxy_service.config import load_config, parse_config
 from tproxy_service.errors import ConfigError
-from tproxy_service.model import AutoPolicy, FailurePolicy, LinkMode
+from tproxy_service.model import AutoPolicy, DnsHijack, FailurePolicy, LinkMode
 
 FULL = """\
 state_dir = "state"
@@ -74,9 +74,20 @@ def test_full_config(tmp_path: Path) -> None:
 def test_defaults() -> None:
     c = parse_config("")
     assert (c.tproxy.port, c.tproxy.mark, c.tproxy.core_mark, c.tproxy.route_table) == (12345, 1, 255, 100)
-    assert c.tproxy.ipv6 and c.tproxy.udp and c.tproxy.dns_hijack and c.bypass.reserved
+    assert c.tproxy.ipv6 and c.tproxy.udp and c.bypass.reserved
+    assert c.tproxy.dns_hijack is DnsHijack.ALL
     assert c.links == {}
     assert c.networkmanager.enabled and c.networkmanager.auto == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [('"off"', DnsHijack.OFF), ('"lan"', DnsHijack.LAN), ('"all"', DnsHijack.ALL), ("true", DnsHijack.LAN),
+     ("false", DnsHijack.OFF)],
+)  # fmt: skip
+def test_dns_hijack_choices_and_old_booleans(value: str, expected: DnsHijack) -> None:
+    """true and false keep what they meant before the choice existed: DNS to connected subnets, or none."""
+    assert parse_config(f"[tproxy]\ndns_hijack = {value}\n").tproxy.dns_hijack is expected
 
 
 def test_networkmanager_inline_entries_and_off_switch() -> None:
@@ -93,6 +104,8 @@ def test_networkmanager_inline_entries_and_off_switch() -> None:
         ("[tproxy]\nmark = 7\ncore_mark = 7\n", r"c\.toml:3: tproxy\.core_mark: must differ"),
         ("[tproxy]\nroute_table = 254\n", r"c\.toml:2: tproxy\.route_table: 254 is a kernel-reserved"),
         ('[tproxy]\nipv6 = "yes"\n', r"c\.toml:2: tproxy\.ipv6: must be true or false"),
+        ('[tproxy]\ndns_hijack = "on"\n', r'c\.toml:2: tproxy\.dns_hijack: must be "off", "lan" or "all" .*got \'on\''),
+        ("[tproxy]\ndns_hijack = 1\n", r"c\.toml:2: tproxy\.dns_hijack: must be .*, got 1$"),
         ('[tproxy]\nfailure_policy = "maybe"\n', r"c\.toml:2: tproxy\.failure_policy: must be \"open\" or"),
         ("[tproxy]\nprot = 1\n", r"c\.toml:2: tproxy\.prot: unknown key"),
         ("colour = 1\n", r"c\.toml:1: colour: unknown key"),

@@ -56,13 +56,30 @@ def _chain_rules(name: str, chain: str) -> list[list[dict[str, object]]]:
     ]
 
 
+def _positions(exprs: list[str], *needles: str) -> list[int]:
+    return [i for i, r in enumerate(exprs) if all(n in r for n in needles)]
+
+
 def test_dns_exception_precedes_bypass_sets() -> None:
     """DNS to a local-subnet resolver must `return` (be proxied) before any bypass `accept`."""
-    exprs = [json.dumps(r) for r in _chain_rules("default", "bypass")]
-    dns = [i for i, r in enumerate(exprs) if '"dport"' in r]
-    sets = [i for i, r in enumerate(exprs) if "@bypass4" in r or ("@local4" in r and "dport" not in r)]
-    assert dns and max(dns) < min(sets)
+    for name in ("default", "dns_hijack_lan"):
+        exprs = [json.dumps(r) for r in _chain_rules(name, "bypass")]
+        dns = _positions(exprs, '"dport"', "@local4")
+        sets = [i for i, r in enumerate(exprs) if "@bypass4" in r or ("@local4" in r and "dport" not in r)]
+        assert dns and max(dns) < min(sets), name
     assert not any('"dport"' in json.dumps(r) for r in _chain_rules("no_dns_hijack_custom_ports", "bypass"))
+
+
+def test_dns_hijack_all_takes_lan_clients_dns_to_the_gateway_itself() -> None:
+    """"all": a lan client's port 53 to any address returns (proxied) before the `local` accept,
+    and only after the core's mark and replies; "lan" and "off" leave local destinations alone."""
+    exprs = [json.dumps(r) for r in _chain_rules("default", "bypass")]
+    (lan_dns,) = _positions(exprs, "@lan_links", '"dport"', '"return"')
+    (local,) = _positions(exprs, '"fib"', '"local"')
+    assert 2 <= lan_dns < local
+    assert "@local4" not in exprs[lan_dns] and "daddr" not in exprs[lan_dns]
+    for name in ("dns_hijack_lan", "no_dns_hijack_custom_ports"):
+        assert not any("@lan_links" in json.dumps(r) for r in _chain_rules(name, "bypass")), name
 
 
 def test_loop_prevention_comes_first() -> None:

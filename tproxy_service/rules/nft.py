@@ -9,7 +9,9 @@ Everything lives in one table, `inet tproxyd`. Chains (all at mangle priority):
   output (route hook): the host's own traffic leaving via a host link: `jump bypass`, then the
       mark, which makes the kernel re-route it via `local default dev lo` back into prerouting.
   bypass: `accept` = never proxied (core's own mark, replies, local/broadcast/multicast
-      destinations, DNS exception, bypass sets, directly connected subnets); `return` = proxy it.
+      destinations, bypass sets, directly connected subnets); `return` = proxy it. The DNS
+      exceptions (`dns_hijack`) return first: "lan" for DNS to connected subnets, "all" also for
+      a lan client's DNS to any address, this gateway's own included.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..cidrs import BITS, prefix_len, to_address
-from ..model import FailurePolicy, Interval, NftState, TproxySettings
+from ..model import DnsHijack, FailurePolicy, Interval, NftState, TproxySettings
 
 FAMILY = "inet"
 TABLE = "tproxyd"
@@ -117,6 +119,19 @@ def _bypass_rules(s: TproxySettings) -> list[Json]:
     rules = [
         _rule(CHAIN_BYPASS, _match(_meta("mark"), s.core_mark), _ACCEPT),
         _rule(CHAIN_BYPASS, _match({"ct": {"key": "direction"}}, "reply"), _ACCEPT),
+    ]
+    if s.dns_hijack is DnsHijack.ALL:
+        # A lan client's DNS to any address, this gateway's own resolver included, goes to the
+        # core: before the `local` accept below. The gateway's own DNS never comes from a lan link.
+        rules.append(
+            _rule(
+                CHAIN_BYPASS,
+                _match(_meta("iifname"), _set_ref(SET_LAN_LINKS)),
+                _match(_payload("th", "dport"), DNS_PORT),
+                _RETURN,
+            )
+        )
+    rules.append(
         _rule(
             CHAIN_BYPASS,
             _match(
@@ -124,9 +139,9 @@ def _bypass_rules(s: TproxySettings) -> list[Json]:
                 {"set": ["local", "broadcast", "multicast"]},
             ),
             _ACCEPT,
-        ),
-    ]
-    if s.dns_hijack:  # DNS to a directly connected resolver is still proxied (no DNS leak)
+        )
+    )
+    if s.dns_hijack is not DnsHijack.OFF:  # DNS to a directly connected resolver is still proxied (no DNS leak)
         for proto, local_set in (("ip", SET_LOCAL4), ("ip6", SET_LOCAL6)):
             rules.append(
                 _rule(
