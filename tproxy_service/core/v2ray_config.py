@@ -2,7 +2,8 @@
 
 tproxyd adds its two tproxy inbounds (127.0.0.1 and ::1 on [tproxy] port) and puts
 `sockopt.mark = core_mark` on every outbound, keeping the user's other sockopt fields, so the
-core's own connections are never diverted again. Conflicts are refused, not papered over."""
+core's own connections are never diverted again, and the DNS route (dns_route.py). Conflicts
+are refused, not papered over."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..model import TproxySettings
+from .dns_route import add_dns_route
+from .v2ray_ports import port_ranges
 
 INBOUND_TAGS = {4: "tproxyd-tproxy4", 6: "tproxyd-tproxy6"}
 LISTEN = {4: "127.0.0.1", 6: "::1"}
@@ -20,20 +23,6 @@ DEFAULT_USER_CONFIG: dict[str, Any] = {
     "log": {"loglevel": "warning"},
     "outbounds": [{"tag": "direct", "protocol": "freedom", "settings": {}}],
 }
-
-
-def _ports(spec: Any) -> list[tuple[int, int]]:
-    """v2ray inbound `port`: an int, "1234", "1000-2000" or "1,3,5-9"."""
-    if isinstance(spec, int) and not isinstance(spec, bool):
-        return [(spec, spec)]
-    if not isinstance(spec, str):
-        return []
-    ranges = []
-    for part in spec.split(","):
-        lo, _, hi = part.strip().partition("-")
-        if lo.isdigit() and (not hi or hi.isdigit()):
-            ranges.append((int(lo), int(hi or lo)))
-    return ranges
 
 
 def _tproxy_inbound(family: int, settings: TproxySettings, sniffing: bool) -> dict[str, Any]:
@@ -68,10 +57,12 @@ def build_core_config(
             raise ConfigError(f"{source}: inbounds[{i}] must be a JSON object")
         if inbound.get("tag") in INBOUND_TAGS.values():
             raise ConfigError(f"{source}: inbounds[{i}] uses the tag {inbound['tag']!r}, which tproxyd reserves")
-        if any(lo <= settings.port <= hi for lo, hi in _ports(inbound.get("port"))):
+        if any(lo <= settings.port <= hi for lo, hi in port_ranges(inbound.get("port"))):
             raise ConfigError(
                 f"{source}: inbounds[{i}] binds port {settings.port}, which is tproxyd's tproxy port ([tproxy] port)"
             )
+    families = (4, 6) if settings.ipv6 else (4,)
+    add_dns_route(config, settings, [INBOUND_TAGS[f] for f in families], source)  # before the marks: its outbound too
     for i, outbound in enumerate(outbounds):
         if not isinstance(outbound, dict):
             raise ConfigError(f"{source}: outbounds[{i}] must be a JSON object")
@@ -86,7 +77,6 @@ def build_core_config(
                 " ([tproxy] core_mark) on every outbound to avoid loops"
             )
         sockopt["mark"] = settings.core_mark
-    families = (4, 6) if settings.ipv6 else (4,)
     config["inbounds"] = [_tproxy_inbound(f, settings, sniffing) for f in families] + inbounds
     return config
 
