@@ -54,7 +54,7 @@ MODES = {"auto": "", "host": "host", "lan": "lan", "both": "both"}
 
 EPILOG = f"""\
 commands:
-  status [--json]              state, links and core; --json prints the D-Bus properties as JSON
+  status [--json]              state, links, core and warnings; --json prints the D-Bus properties as JSON
   enable IFNAME [--mode MODE]  proxy a link; MODE: host (this machine's own traffic leaving via
                                IFNAME), lan (traffic from other hosts arriving on IFNAME: gateway,
                                hotspot), both, or auto (lan for a shared/hotspot connection, else
@@ -106,7 +106,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--version", action="version", version=f"tproxyctl {__version__}")
     parser.add_argument("--no-ask-password", action="store_true", help="never let polkit prompt for a password")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    status = sub.add_parser("status", help="show state, links and core")
+    status = sub.add_parser("status", help="show state, links, core and warnings")
     status.add_argument("--json", action="store_true", help="machine-readable")
     enable = sub.add_parser("enable", help="proxy a link")
     enable.add_argument("ifname")
@@ -191,6 +191,8 @@ def format_status(props: dict[str, Any]) -> str:
         f"Core:           {props['CoreState']}",
         f"Failure policy: {props['FailurePolicy']}",
         f"Last error:     {error}",
+        # Absent from a tproxyd older than the property: no warnings then.
+        *(f"Warning:        {warning}" for warning in props.get("Warnings", [])),
         f"Version:        {props['Version']}",
         "",
     ]

@@ -42,9 +42,12 @@ class Control:
         store: StateStore,
         reload: Callable[[], Awaitable[int]],
         refresh: Callable[[], Awaitable[None]] | None = None,
+        warnings: Callable[[], tuple[str, ...]] = tuple,
     ) -> None:
-        """`refresh` re-reads facts kept outside the kernel (NetworkManager's) before a Reapply."""
+        """`refresh` re-reads facts kept outside the kernel (NetworkManager's) before a Reapply;
+        `warnings` says what the admin should know about the running config (the core's DNS)."""
         self._engine = engine
+        self._warnings = warnings
         self._store = store
         self._reload = reload
         self._refresh = refresh
@@ -70,6 +73,10 @@ class Control:
     @property
     def config(self) -> Config:
         return self._engine.config
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return self._warnings()
 
     def add_listener(self, listener: Callable[[], None]) -> None:
         """Called after the choices, the config or the engine's status changed."""

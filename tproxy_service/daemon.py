@@ -79,9 +79,12 @@ class Daemon:
         self.nm: NetworkManagerMonitor | None = None
         self._stop = asyncio.Event()
         # D-Bus choices (persisted) over the config's [links] defaults; the bus is optional.
-        self.control = Control(self.engine, StateStore(config.state_dir), self.reload, self._refresh_nm)
+        self.control = Control(self.engine, StateStore(config.state_dir), self.reload, self._refresh_nm, self._warnings)
         self.bus: bus_service.BusService | None = None
         self.engine.add_listener(self._notify_status)
+
+    def _warnings(self) -> tuple[str, ...]:
+        return self.core.warnings if self.core is not None else ()
 
     def _on_unit_change(self, status: UnitStatus) -> None:
         if self.core is not None:

@@ -14,6 +14,7 @@ PROPS = {
     "CoreState": "active",
     "FailurePolicy": "open",
     "LastError": "",
+    "Warnings": [],
     "Version": "0.1.0",
 }
 
@@ -26,6 +27,13 @@ def test_status_table() -> None:
         "wlan0   host  yes",
     ]
     assert "No links configured" in cli.format_status({**PROPS, "Links": {}, "ActiveLinks": []})
+
+
+def test_status_shows_each_warning_on_its_own_line() -> None:
+    assert "Warning" not in cli.format_status(PROPS)
+    lines = cli.format_status({**PROPS, "Warnings": ["no dns section", "another"]}).splitlines()
+    assert lines[5:7] == ["Warning:        no dns section", "Warning:        another"]
+    assert lines[7].startswith("Version:")
 
 
 def test_status_lists_links_a_networkmanager_policy_proxies() -> None:

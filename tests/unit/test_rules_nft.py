@@ -71,7 +71,7 @@ def test_dns_exception_precedes_bypass_sets() -> None:
 
 
 def test_dns_hijack_all_takes_lan_clients_dns_to_the_gateway_itself() -> None:
-    """"all": a lan client's port 53 to any address returns (proxied) before the `local` accept,
+    """ "all": a lan client's port 53 to any address returns (proxied) before the `local` accept,
     and only after the core's mark and replies; "lan" and "off" leave local destinations alone."""
     exprs = [json.dumps(r) for r in _chain_rules("default", "bypass")]
     (lan_dns,) = _positions(exprs, "@lan_links", '"dport"', '"return"')

@@ -84,6 +84,7 @@ class BusService:
             "CoreState": status.core_state,
             "FailurePolicy": self._control.config.tproxy.failure_policy.value,
             "LastError": status.last_error,
+            "Warnings": list(self._control.warnings),
             "Version": __version__,
         }
 

@@ -119,6 +119,12 @@ PROPERTIES: tuple[PropertySpec, ...] = (
     ),
     PropertySpec("FailurePolicy", "s", "'open' or 'closed': what traffic does while the core is down."),
     PropertySpec("LastError", "s", "Why the last reconcile failed; empty after a success."),
+    PropertySpec(
+        "Warnings",
+        "as",
+        "What the admin should know about the running config, one sentence each (e.g. a core config "
+        "without DNS servers of its own); empty when all is well.",
+    ),
     PropertySpec("Version", "s", "The daemon's version.", emits="const"),
 )
 PROPERTIES_BY_NAME = {p.name: p for p in PROPERTIES}

@@ -69,7 +69,8 @@ def add_dns_route(config: dict[str, Any], settings: TproxySettings, inbound_tags
         raise ConfigError(f"{source}: routing.rules must be a JSON array")
     rules.insert(0, {"type": "field", "inboundTag": inbound_tags, "port": DNS_PORT, "outboundTag": DNS_OUTBOUND_TAG})
     outbounds.append({"tag": DNS_OUTBOUND_TAG, "protocol": "dns"})  # the caller marks every outbound
-    config.setdefault("dns", copy.deepcopy(DEFAULT_DNS))
+    if config.get("dns") is None:
+        config["dns"] = copy.deepcopy(DEFAULT_DNS)
 
 
 def dns_warnings(user: dict[str, Any] | None, settings: TproxySettings, inbound_tags: list[str]) -> tuple[str, ...]:
@@ -78,10 +79,10 @@ def dns_warnings(user: dict[str, Any] | None, settings: TproxySettings, inbound_
         return ()
     dns = user.get("dns")
     if dns is None:
-        servers = ", ".join(DEFAULT_DNS["servers"])
+        defaults = ", ".join(DEFAULT_DNS["servers"])
         return (
             f"the core config has no dns section, so tproxyd gives it one: DNS the clients send is answered "
-            f"through {servers} (via the first outbound); name your own servers in its dns section",
+            f"through {defaults} (via the first outbound); name your own servers in its dns section",
         )
     servers = dns.get("servers") if isinstance(dns, dict) else None
     own = [s for s in servers or [] if (s.get("address") if isinstance(s, dict) else s) != "localhost"]

@@ -17,8 +17,9 @@ from ..atomic_file import write_atomic
 from ..errors import ConfigError
 from ..kernel.sockets import core_listening
 from ..model import Config, CoreStatus
+from .dns_route import dns_warnings
 from .systemd import SystemdError, UnitStatus
-from .v2ray_config import build_core_config, parse_user_config, render
+from .v2ray_config import build_core_config, inbound_tags, parse_user_config, render
 
 log = logging.getLogger(__name__)
 CORE_CONFIG = "core.json"
@@ -39,8 +40,9 @@ class UnitPort(Protocol):
     def close(self) -> None: ...
 
 
-async def render_checked(config: Config) -> str:
-    """The core config text for `config`, validated by `<binary> -test`; raises ConfigError."""
+async def render_checked(config: Config) -> tuple[str, tuple[str, ...]]:
+    """The core config text for `config`, validated by `<binary> -test`, and the warnings about
+    it (dns_route.dns_warnings); raises ConfigError."""
     core = config.core
     source = str(core.config) if core.config else "the built-in core config"
     user = None
@@ -50,6 +52,7 @@ async def render_checked(config: Config) -> str:
         except OSError as e:
             raise ConfigError(f"cannot read core config {core.config}: {e.strerror}") from None
     text = render(build_core_config(user, config.tproxy, source, core.sniffing))
+    warnings = dns_warnings(user, config.tproxy, inbound_tags(config.tproxy))
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="tproxyd-core-test-") as f:
         f.write(text)
         f.flush()
@@ -74,7 +77,7 @@ async def render_checked(config: Config) -> str:
         lines = [line for line in out.decode(errors="replace").splitlines() if line.strip()]
         why = next((line for line in lines if "panic" in line or "failed" in line.lower()), lines[-1] if lines else "")
         raise ConfigError(f"the core rejects {source}: {why.strip()[:300]}")
-    return text
+    return text, warnings
 
 
 class CoreSupervisor:
@@ -88,6 +91,7 @@ class CoreSupervisor:
         self._job_task: asyncio.Task[None] | None = None
         self._retry = False  # the last job could not reach systemd: try again on the next want
         self._text = ""  # the core config last written
+        self.warnings: tuple[str, ...] = ()  # about the core config last written
         self.status = CoreStatus(active_state="inactive")
 
     # --- config ---------------------------------------------------------------------------------
@@ -95,8 +99,12 @@ class CoreSupervisor:
     async def prepare(self, config: Config) -> bool:
         """Validate and write the core config for `config`; True when its content changed.
         Raises ConfigError (nothing written) for a config the core would refuse."""
-        text = await render_checked(config)
+        text, warnings = await render_checked(config)
         self._config = config
+        if warnings != self.warnings:
+            for warning in warnings:
+                log.warning("core config %s: %s", config.core.config or "(built-in)", warning)
+            self.warnings = warnings
         changed = text != self._text
         if changed:
             runtime = config.runtime_dir

@@ -25,6 +25,10 @@ DEFAULT_USER_CONFIG: dict[str, Any] = {
 }
 
 
+def inbound_tags(settings: TproxySettings) -> list[str]:
+    return [INBOUND_TAGS[f] for f in ((4, 6) if settings.ipv6 else (4,))]
+
+
 def _tproxy_inbound(family: int, settings: TproxySettings, sniffing: bool) -> dict[str, Any]:
     inbound: dict[str, Any] = {
         "tag": INBOUND_TAGS[family],
@@ -61,8 +65,7 @@ def build_core_config(
             raise ConfigError(
                 f"{source}: inbounds[{i}] binds port {settings.port}, which is tproxyd's tproxy port ([tproxy] port)"
             )
-    families = (4, 6) if settings.ipv6 else (4,)
-    add_dns_route(config, settings, [INBOUND_TAGS[f] for f in families], source)  # before the marks: its outbound too
+    add_dns_route(config, settings, inbound_tags(settings), source)  # before the marks: its outbound gets one too
     for i, outbound in enumerate(outbounds):
         if not isinstance(outbound, dict):
             raise ConfigError(f"{source}: outbounds[{i}] must be a JSON object")
@@ -77,6 +80,7 @@ def build_core_config(
                 " ([tproxy] core_mark) on every outbound to avoid loops"
             )
         sockopt["mark"] = settings.core_mark
+    families = (4, 6) if settings.ipv6 else (4,)
     config["inbounds"] = [_tproxy_inbound(f, settings, sniffing) for f in families] + inbounds
     return config
 
