@@ -490,7 +490,9 @@ class Lab:
 class TproxydConfig:
     workdir: Path
     links: dict[str, str] = field(default_factory=lambda: {LAN_LINK: "lan", UP_LINK: "host"})
-    dns_hijack: bool = True
+    dns_hijack: str = "all"
+    port: int = TPROXY_PORT
+    core_config: Path | None = None  # [core] config: the user's v2ray JSON (for render_checked)
     cidrs: tuple[str, ...] = USER_CIDRS
     list_file_cidrs: tuple[str, ...] = LIST_FILE_CIDRS
 
@@ -509,14 +511,14 @@ state_dir = "{self.workdir / "state"}"
 runtime_dir = "{self.workdir / "run"}"
 
 [tproxy]
-port = {TPROXY_PORT}
+port = {self.port}
 mark = {FWMARK}
 core_mark = {CORE_MARK}
 route_table = {ROUTE_TABLE}
 rule_priority = {RULE_PRIORITY}
 ipv6 = true
 udp = true
-dns_hijack = {"true" if self.dns_hijack else "false"}
+dns_hijack = "{self.dns_hijack}"
 failure_policy = "open"
 
 [bypass]
@@ -527,6 +529,7 @@ files = ["{list_file}"]
 
 [core]
 supervise = false  # the lab runs its own v2ray; tproxyd treats it as always ready
+{f'config = "{self.core_config}"' if self.core_config else ""}
 
 [links]
 {links}"""

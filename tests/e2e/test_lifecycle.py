@@ -89,7 +89,7 @@ def test_sighup_rereads_bypass_file_and_dns_policy(lab: h.Lab, start_tproxyd: St
     lab.proofs.proxied(dns, expected_peer=h.GW_UP.v4)
 
     more_bypass = (*h.LIST_FILE_CIDRS, f"{h.SERVER.v4}/32", f"{h.SERVER.v6}/128")
-    daemon.reload(h.TproxydConfig(tmp_path / "conf", dns_hijack=False, list_file_cidrs=more_bypass))
+    daemon.reload(h.TproxydConfig(tmp_path / "conf", dns_hijack="off", list_file_cidrs=more_bypass))
     h.wait_until(lambda: h.set_has(h.GW, "bypass4", h.SERVER.v4), RELOAD_TIMEOUT, "the server in bypass4")
     assert_lan_direct(lab)  # the list file was re-read
     for proto, family in ALL_KINDS:  # dns_hijack off: the local resolver is just a local subnet
