@@ -220,6 +220,8 @@ def format_change(changed: dict[str, Any]) -> str:
             return ", ".join(f"{k}={_mode_text(v)}" for k, v in sorted(value.items())) or "(none)"
         if name == "ActiveLinks":
             return ", ".join(value) or "(none)"
+        if name == "Warnings":
+            return "; ".join(value) or "(none)"
         if isinstance(value, bool):
             return "yes" if value else "no"
         return str(value) if value != "" else '""'

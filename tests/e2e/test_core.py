@@ -49,14 +49,18 @@ class CoreStack:
     def user_config(self) -> Path:
         return self.workdir / "core-user.json"
 
-    def write_user_config(self, loglevel: str = "info", mark: int | None = None) -> None:
+    def write_user_config(
+        self, loglevel: str = "info", mark: int | None = None, dns: dict[str, object] | None = None
+    ) -> None:
         outbound: dict[str, object] = {"tag": "direct", "protocol": "freedom", "settings": {}}
         if mark is not None:
             outbound["streamSettings"] = {"sockopt": {"mark": mark}}
-        config = {
+        config: dict[str, object] = {
             "log": {"loglevel": loglevel, "access": str(self.workdir / "core-access.log"), "error": str(self.core_log)},
             "outbounds": [outbound],
         }
+        if dns is not None:
+            config["dns"] = dns
         self.user_config.write_text(json.dumps(config))
 
     def start(self, policy: str, systemd_bus: str = "") -> subprocess.Popen[bytes]:
@@ -310,3 +314,40 @@ def test_unreachable_systemd_manager_applies_the_failure_policy(lab: h.Lab, core
     assert props["ActiveLinks"] == [], "open policy: no diversion while the core cannot run"
     assert_direct("tcp", 4)
     assert proc.poll() is None, "tproxyd must keep running without a systemd manager"
+
+
+def test_core_dns_warnings_reach_the_log_the_bus_and_tproxyctl_status(lab: h.Lab, core_stack: CoreStack) -> None:
+    """A core config without DNS servers of its own: tproxyd gives it its default dns section and
+    says so in its log, in Warnings (with PropertiesChanged) and in `tproxyctl status`."""
+    core_stack.start("open")  # the user config has no dns section
+    (warning,) = core_stack.props()["Warnings"]  # type: ignore[misc]
+    assert "no dns section" in warning and "1.1.1.1" in warning, warning
+    assert (
+        f"WARNING core config {core_stack.user_config}: {warning}" in (core_stack.workdir / "tproxyd.log").read_text()
+    )
+    core_json = json.loads((core_stack.manager.runtime_dir / "tproxyd" / "core.json").read_text())
+    assert core_json["routing"]["rules"][0]["outboundTag"] == "tproxyd-dns" and core_json["dns"]["servers"]
+    status = subprocess.run(
+        [str(ih.TPROXYCTL), "status"], env={**os.environ, **core_stack.bus.env()}, capture_output=True, text=True
+    )
+    assert f"Warning:        {warning}" in status.stdout.splitlines(), status.stdout + status.stderr
+
+    monitor = Monitor(ih.PLAIN, core_stack.bus)
+    try:
+        monitor.wait_for(lambda e: e["event"] == "initial", "the monitor's initial values (it is subscribed)")
+        core_stack.write_user_config(dns={"servers": ["localhost"]})
+        assert core_stack.call("Reload").error is None
+        changed = monitor.wait_for(lambda e: e["event"] == "changed" and "Warnings" in e["changed"], "Warnings")
+        (system,) = changed["changed"]["Warnings"]
+        assert "system resolver" in system, system
+        core_stack.write_user_config(dns={"servers": ["198.51.100.53"]})
+        assert core_stack.call("Reload").error is None
+        monitor.changed("Warnings", [])
+    finally:
+        monitor.stop()
+    assert (
+        "Warning"
+        not in subprocess.run(
+            [str(ih.TPROXYCTL), "status"], env={**os.environ, **core_stack.bus.env()}, capture_output=True, text=True
+        ).stdout
+    )

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from tproxy_service import __version__, cli
+from tproxy_service.bus.spec import PROPERTIES
 
 from . import harness as h
 
@@ -142,8 +143,9 @@ def test_monitor_prints_changes_for_a_plain_user(daemon: h.Tproxyd, bus: h.Priva
         first = proc.stdout.readline()  # the initial values come first, one line each
         assert first.split(" ", 1)[1].startswith("ActiveLinks: tpdv0"), first
         assert bus.call("SetEnabled", "b", [False]).error is None
-        lines = [proc.stdout.readline() for _ in range(7 + 3)]
-        changes = [line.split(" ", 1)[1].strip() for line in lines[7:]]
+        initial = len(PROPERTIES) - 1  # one line each, the first one read above
+        lines = [proc.stdout.readline() for _ in range(initial + 3)]
+        changes = [line.split(" ", 1)[1].strip() for line in lines[initial:]]
         assert sorted(changes) == ["ActiveLinks: (none)", "Enabled: no", "State: off"], lines
     finally:
         proc.terminate()
