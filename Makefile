@@ -4,7 +4,7 @@ VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 DEBIAN_PACKAGES := nftables libnftables1 python3-nftables python3-jsonschema python3-venv python3-systemd python3-dbus \
 	v2ray iproute2 iputils-ping iperf3 socat curl conntrack tcpdump procps \
-	dbus-daemon dbus-bin polkitd pkexec systemd debootstrap systemd-container network-manager dnsmasq-base \
+	dbus-daemon dbus-bin polkitd pkexec systemd debootstrap systemd-container network-manager dnsmasq-base udhcpc \
 	libdbus-1-dev libglib2.0-dev libsystemd-dev pkg-config gcc python3-dev \
 	gnome-shell gnome-shell-extension-appindicator gjs xvfb xdotool imagemagick python3-gi gir1.2-gtk-4.0 gir1.2-adw-1
 

@@ -26,7 +26,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def _missing_prerequisite() -> str | None:
     if os.geteuid() != 0:
         return "needs root (network namespaces, nftables)"
-    if missing := support.missing_tool("ip", "nft", "ss", "curl", "sysctl", h.V2RAY):
+    if missing := support.missing_tool("ip", "nft", "ss", "curl", "sysctl", "dnsmasq", h.V2RAY):
         return missing
     if not os.access(h.TPROXYD, os.X_OK):
         return f"{h.TPROXYD} is missing (make deps)"

@@ -26,6 +26,7 @@ from tproxy_service.config import load_config
 from tproxy_service.core.supervisor import render_checked
 
 from . import harness as h
+from .dnslab import POISONED, TRUTHFUL, ask, start_resolver, verdict
 
 pytestmark = pytest.mark.root
 
@@ -35,11 +36,7 @@ GW_ON_DNS = h.Addr("192.0.2.193", "2001:db8:6::1")
 CONNECTED_RESOLVER = h.Addr("192.0.2.194", "2001:db8:6::2")  # on a subnet the gateway is on
 FAR_RESOLVER = h.SERVER  # one hop behind the router
 TRUTHFUL_RESOLVER = "198.51.100.3"  # in tpe-srv; only the core's dns section names it
-POISONED = h.Addr("203.0.113.66", "2001:db8:bad::66")
-TRUTHFUL = h.Addr("198.51.100.77", "2001:db8:600d::77")
-NAME = "www.tproxyd.test"
 CORE_PORT = 12347  # the lab's own v2ray keeps 12345, test_core.py's 12346
-DNS_TOOL = h.HERE / "dns_tool.py"
 KINDS = [(proto, family) for proto in ("udp", "tcp") for family in (4, 6)]
 
 # What the lan client hears from each resolver address, per dns_hijack.
@@ -50,38 +47,6 @@ EXPECTED = {
     # DNS is ordinary traffic: beyond the router it is proxied like any other, to where it was sent.
     "off": {"gateway": POISONED, "connected": POISONED, "beyond-router": POISONED},
 }
-
-
-def ask(ns: str, server: str, family: int, proto: str, source: str | None = None) -> str:
-    """The address the resolver at `server` gives for NAME (A for IPv4 servers, AAAA for IPv6)."""
-    args = [
-        h.PYTHON,
-        str(DNS_TOOL),
-        "ask",
-        "--server",
-        server,
-        "--name",
-        NAME,
-        "--type",
-        "A" if family == 4 else "AAAA",
-    ]
-    args += ["--tcp"] if proto == "tcp" else []
-    args += ["--source", source] if source else []
-    proc = h.in_ns(ns, *args, check=False)
-    assert proc.returncode == 0, f"{proto} query from {ns} to {server}: {proc.stderr.strip()}"
-    return proc.stdout.strip()
-
-
-def verdict(answer: str, family: int) -> str:
-    return {TRUTHFUL.of(family): "truthful", POISONED.of(family): "poisoned"}.get(answer, f"unexpected {answer!r}")
-
-
-def _spawn_resolver(ns: str, log: Path, answers: h.Addr, addrs: list[str]) -> subprocess.Popen[bytes]:
-    args = [h.PYTHON, str(DNS_TOOL), "serve", "--a", answers.v4, "--aaaa", answers.v6]
-    proc = h.spawn(ns, args + [x for a in addrs for x in ("--addr", a)], log)
-    wanted = {(p, h.host_port(a, 53)) for a in addrs for p in ("tcp", "udp")}
-    h.wait_listening(ns, wanted, f"resolver {addrs}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +66,9 @@ def resolvers(lab: h.Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         h.add_route(RESOLVER_NS, "::/0", GW_ON_DNS.v6)
         h.add_addr(h.SRV, "tpe-s0", truthful_cidr)
         connected = [CONNECTED_RESOLVER.v4, CONNECTED_RESOLVER.v6]
-        processes.append(_spawn_resolver(RESOLVER_NS, workdir / "connected.log", POISONED, connected))
-        processes.append(_spawn_resolver(h.SRV, workdir / "far.log", POISONED, [FAR_RESOLVER.v4, FAR_RESOLVER.v6]))
-        processes.append(_spawn_resolver(h.SRV, workdir / "truthful.log", TRUTHFUL, [TRUTHFUL_RESOLVER]))
+        processes.append(start_resolver(RESOLVER_NS, workdir / "connected.log", POISONED, connected))
+        processes.append(start_resolver(h.SRV, workdir / "far.log", POISONED, [FAR_RESOLVER.v4, FAR_RESOLVER.v6]))
+        processes.append(start_resolver(h.SRV, workdir / "truthful.log", TRUTHFUL, [TRUTHFUL_RESOLVER]))
         # The gateway's resolver, as a hotspot runs it: it serves the LAN and forwards upstream.
         dnsmasq = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
                    "--bind-interfaces", f"--listen-address={h.GW_LAN.v4}", f"--listen-address={h.GW_LAN.v6}",

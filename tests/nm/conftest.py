@@ -30,7 +30,7 @@ def _missing_prerequisite() -> str | None:
     for policy in h.NM_BUS_POLICIES:
         if not (h.SYSTEM_BUS_POLICIES / policy).exists():
             return f"{h.SYSTEM_BUS_POLICIES / policy} is missing (network-manager / systemd packages)"
-    for tool in ("ip", "nft", "ss", "curl", "busctl", "dbus-daemon", "unshare", "nsenter", e2e.V2RAY):
+    for tool in ("ip", "nft", "ss", "curl", "busctl", "dbus-daemon", "unshare", "nsenter", "udhcpc", e2e.V2RAY):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (make deps)"
     if not os.access(h.TPROXYD, os.X_OK):

@@ -454,7 +454,13 @@ class NetworkManager:
 # --- tproxyd --------------------------------------------------------------------------------------
 
 
-def tproxyd_config(workdir: Path, policies: str = "", links: dict[str, str] | None = None, nm: bool = True) -> str:
+def tproxyd_config(
+    workdir: Path,
+    policies: str = "",
+    links: dict[str, str] | None = None,
+    nm: bool = True,
+    core_config: Path | None = None,
+) -> str:
     links_toml = "".join(f'"{name}" = "{mode}"\n' for name, mode in (links or {}).items())
     return f"""\
 state_dir = "{workdir / "state"}"
@@ -471,6 +477,7 @@ failure_policy = "open"
 
 [core]
 supervise = false  # the test runs its own v2ray; tproxyd treats it as always ready
+{f'config = "{core_config}"  # what Core(generated=...) runs' if core_config else ""}
 
 [networkmanager]
 enabled = {"true" if nm else "false"}
@@ -499,9 +506,15 @@ class Tproxyd:
         self.log = workdir / "tproxyd.log"
         self.proc: Inside | None = None
 
-    def write_config(self, policies: str = POLICIES, links: dict[str, str] | None = None, nm: bool = True) -> None:
+    def write_config(
+        self,
+        policies: str = POLICIES,
+        links: dict[str, str] | None = None,
+        nm: bool = True,
+        core_config: Path | None = None,
+    ) -> None:
         tmp = self.config.with_suffix(".tmp")
-        tmp.write_text(tproxyd_config(self.workdir, policies, links, nm))
+        tmp.write_text(tproxyd_config(self.workdir, policies, links, nm, core_config))
         os.replace(tmp, self.config)
 
     def start(self) -> None:
@@ -586,15 +599,22 @@ def tcp_probe(ns: str, dst: str = SERVER, port: int = HTTP_PORT) -> e2e.Flow:
 class Core:
     """v2ray in the gateway namespace and the verdicts on its access log."""
 
-    def __init__(self, gw: str, workdir: Path) -> None:
+    def __init__(self, gw: str, workdir: Path, generated: str | None = None) -> None:
+        """The lab's own v2ray config, or `generated`: a core config tproxyd made (its access log
+        then is wherever that config says; `direct` needs the lab's marker inbound)."""
         self.gw = gw
         config = workdir / "v2ray.json"
         self.access = workdir / "v2ray-access.log"
-        config.write_text(json.dumps(e2e.v2ray_config(self.access, workdir / "v2ray-error.log"), indent=2))
+        if generated is None:
+            config.write_text(json.dumps(e2e.v2ray_config(self.access, workdir / "v2ray-error.log"), indent=2))
+        else:
+            config.write_text(generated)
+            self.access = Path(json.loads(generated)["log"]["access"])
         run(e2e.V2RAY, "-test", "-config", str(config))
         self.proc = e2e.spawn(gw, [e2e.V2RAY, "-config", str(config)], workdir / "v2ray.out")
         wanted = {(p, f"{h}:{e2e.TPROXY_PORT}") for p in ("tcp", "udp") for h in ("127.0.0.1", "[::1]")}
-        e2e.wait_listening(gw, wanted | {("tcp", f"127.0.0.1:{e2e.MARKER_PORT}")}, "v2ray")
+        marker = {("tcp", f"127.0.0.1:{e2e.MARKER_PORT}")} if generated is None else set()
+        e2e.wait_listening(gw, wanted | marker, "v2ray")
 
     def text(self) -> str:
         try:
