@@ -44,7 +44,9 @@ def routes_dns(config: dict[str, Any], inbound_tags: list[str]) -> bool:
         if not isinstance(rule, dict):
             continue
         inbounds = rule.get("inboundTag")
-        if inbounds is not None and not set(inbound_tags) & set(inbounds if isinstance(inbounds, list) else [inbounds]):
+        if inbounds is not None and not any(
+            tag in inbound_tags for tag in (inbounds if isinstance(inbounds, list) else [inbounds])
+        ):
             continue
         if _covers_dns_port(rule.get("port")) or rule.get("outboundTag") in dns_outbounds:
             return True
