@@ -1,11 +1,12 @@
 """A tiny DNS responder and client for the tests (standard library only, run inside namespaces).
 
-serve: answers every A query with --a and every AAAA query with --aaaa (the same fixed answer for
-any name, so a test knows which resolver answered), over UDP and TCP, on each --addr port 53.
-ask:   one query (A or AAAA, UDP or TCP) to a resolver; prints the addresses of the answer, one a
-line; exits 1 without an answer.
+serve: answers every A query with --a, every AAAA query with --aaaa and every TXT query with --txt
+(the same fixed answer for any name, so a test knows which resolver answered), over UDP and TCP,
+on each --addr port 53.
+ask:   one query (A, AAAA or TXT; UDP or TCP) to a resolver; prints the answer's addresses or
+texts, one a line; exits 1 without an answer.
 
-Usage: dns_tool.py serve --a 192.0.2.1 --aaaa 2001:db8::1 --addr 198.51.100.2 [--addr ...]
+Usage: dns_tool.py serve --a 192.0.2.1 --aaaa 2001:db8::1 --txt poisoned --addr 198.51.100.2 [--addr ...]
        dns_tool.py ask --server 10.77.0.1 --name tproxyd.test --type AAAA --tcp [--source ADDR]
 """
 
@@ -20,7 +21,7 @@ import struct
 import sys
 import threading
 
-TYPES = {"A": 1, "AAAA": 28}
+TYPES = {"A": 1, "AAAA": 28, "TXT": 16}
 PORT = 53
 
 
@@ -44,14 +45,17 @@ def query(name: str, qtype: int) -> tuple[int, bytes]:
     return ident, struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + encode_name(name) + struct.pack("!HH", qtype, 1)
 
 
-def answer(request: bytes, a: str, aaaa: str) -> bytes:
+def answer(request: bytes, a: str, aaaa: str, txt: str) -> bytes:
     ident, _flags, qdcount = struct.unpack("!HHH", request[:6])
     end = skip_name(request, 12)
     qtype, _qclass = struct.unpack("!HH", request[end : end + 4])
     question = request[12 : end + 4]
     records = b""
-    if qtype in (TYPES["A"], TYPES["AAAA"]) and qdcount == 1:
-        rdata = ipaddress.ip_address(a if qtype == TYPES["A"] else aaaa).packed
+    if qtype in TYPES.values() and qdcount == 1:
+        if qtype == TYPES["TXT"]:
+            rdata = bytes([len(txt)]) + txt.encode()
+        else:
+            rdata = ipaddress.ip_address(a if qtype == TYPES["A"] else aaaa).packed
         records = b"\xc0\x0c" + struct.pack("!HHIH", qtype, 1, 60, len(rdata)) + rdata
     header = struct.pack("!HHHHHH", ident, 0x8180, 1, 1 if records else 0, 0, 0)
     return header + question + records
@@ -69,7 +73,9 @@ def parse_answer(msg: bytes, ident: int) -> list[str]:
         pos = skip_name(msg, pos)
         rtype, _rclass, _ttl, length = struct.unpack("!HHIH", msg[pos : pos + 10])
         pos += 10
-        if rtype in (TYPES["A"], TYPES["AAAA"]):
+        if rtype == TYPES["TXT"]:
+            found.append(msg[pos + 1 : pos + 1 + msg[pos]].decode())
+        elif rtype in (TYPES["A"], TYPES["AAAA"]):
             found.append(str(ipaddress.ip_address(msg[pos : pos + length])))
         pos += length
     return found
@@ -103,7 +109,7 @@ def ask(server: str, name: str, qtype: str, tcp: bool, source: str | None, timeo
     return parse_answer(reply, ident)
 
 
-def serve(addrs: list[str], a: str, aaaa: str) -> None:
+def serve(addrs: list[str], a: str, aaaa: str, txt: str) -> None:
     class Tcp(socketserver.BaseRequestHandler):
         def handle(self) -> None:
             sock = self.request
@@ -113,7 +119,7 @@ def serve(addrs: list[str], a: str, aaaa: str) -> None:
                     request = recv_exact(sock, length)
                 except (ConnectionError, OSError):
                     return
-                reply = answer(request, a, aaaa)
+                reply = answer(request, a, aaaa, txt)
                 sock.sendall(struct.pack("!H", len(reply)) + reply)
 
     def udp(addr: str) -> None:
@@ -121,7 +127,7 @@ def serve(addrs: list[str], a: str, aaaa: str) -> None:
         sock.bind((addr, PORT))  # per address: a reply leaves from the address asked
         while True:
             request, peer = sock.recvfrom(4096)
-            sock.sendto(answer(request, a, aaaa), peer)
+            sock.sendto(answer(request, a, aaaa, txt), peer)
 
     threads = []
     for addr in addrs:
@@ -144,6 +150,7 @@ def main() -> int:
     s = sub.add_parser("serve")
     s.add_argument("--a", required=True)
     s.add_argument("--aaaa", required=True)
+    s.add_argument("--txt", required=True)
     s.add_argument("--addr", action="append", required=True)
     q = sub.add_parser("ask")
     q.add_argument("--server", required=True)
@@ -154,7 +161,7 @@ def main() -> int:
     q.add_argument("--timeout", type=float, default=4)
     args = parser.parse_args()
     if args.cmd == "serve":
-        serve(args.addr, args.a, args.aaaa)
+        serve(args.addr, args.a, args.aaaa, args.txt)
         return 0
     try:
         found = ask(args.server, args.name, args.type, args.tcp, args.source, args.timeout)

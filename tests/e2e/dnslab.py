@@ -16,23 +16,15 @@ POISONED = h.Addr("203.0.113.66", "2001:db8:bad::66")
 TRUTHFUL = h.Addr("198.51.100.77", "2001:db8:600d::77")
 
 
-def ask(ns: str, server: str, family: int, proto: str, source: str | None = None) -> str:
-    """The address the resolver at `server` gives for NAME (A for IPv4 servers, AAAA for IPv6)."""
-    args = [
-        h.PYTHON,
-        str(DNS_TOOL),
-        "ask",
-        "--server",
-        server,
-        "--name",
-        NAME,
-        "--type",
-        "A" if family == 4 else "AAAA",
-    ]
+def ask(ns: str, server: str, family: int, proto: str, source: str | None = None, qtype: str = "") -> str:
+    """What the resolver at `server` gives for NAME: its address (A for an IPv4 server, AAAA for
+    an IPv6 one), or with qtype="TXT" its text ("poisoned" or "truthful")."""
+    qtype = qtype or ("A" if family == 4 else "AAAA")
+    args = [h.PYTHON, str(DNS_TOOL), "ask", "--server", server, "--name", NAME, "--type", qtype]
     args += ["--tcp"] if proto == "tcp" else []
     args += ["--source", source] if source else []
     proc = h.in_ns(ns, *args, check=False)
-    assert proc.returncode == 0, f"{proto} query from {ns} to {server}: {proc.stderr.strip()}"
+    assert proc.returncode == 0, f"{proto} {qtype} query from {ns} to {server}: {proc.stderr.strip()}"
     return proc.stdout.strip()
 
 
@@ -42,7 +34,8 @@ def verdict(answer: str, family: int) -> str:
 
 def start_resolver(ns: str, log: Path, answers: h.Addr, addrs: list[str]) -> subprocess.Popen[bytes]:
     """A resolver answering `answers` on port 53 (UDP and TCP) of each address in `addrs`."""
-    args = [h.PYTHON, str(DNS_TOOL), "serve", "--a", answers.v4, "--aaaa", answers.v6]
+    txt = "truthful" if answers == TRUTHFUL else "poisoned"
+    args = [h.PYTHON, str(DNS_TOOL), "serve", "--a", answers.v4, "--aaaa", answers.v6, "--txt", txt]
     proc = h.spawn(ns, args + [x for a in addrs for x in ("--addr", a)], log)
     wanted = {(p, h.host_port(a, 53)) for a in addrs for p in ("tcp", "udp")}
     h.wait_listening(ns, wanted, f"resolver on {addrs}")

@@ -174,4 +174,12 @@ def test_gateway_itself_keeps_its_resolver_and_its_host_link_dns_never_loops(
     assert set(own.values()) == {"poisoned"}, own
     far = _answers(h.GW, h.GW_UP, {"beyond-router": FAR_RESOLVER})
     assert set(far.values()) == {"truthful" if mode != "off" else "poisoned"}, far
+    # Query types other than A/AAAA: the dns outbound forwards them to where they were sent, on
+    # its own connection, which carries the core mark too (unmarked, it would come straight back).
+    for proto, family in KINDS:
+        txt = ask(h.GW, FAR_RESOLVER.of(family), family, proto, h.GW_UP.of(family), qtype="TXT")
+        assert txt == "poisoned", f"TXT {proto} v{family}: {txt!r}"
+        if mode != "off":
+            needle = f"accepted {proto}:{h.host_port(FAR_RESOLVER.of(family), 53)} [tproxyd-dns]"
+            h.wait_until(lambda n=needle: n in stack.access.text(), 5, f"{needle!r} in the access log")
     assert ("tproxyd-dns" in json.dumps(stack.core_config["outbounds"])) == (mode != "off")
