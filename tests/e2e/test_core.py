@@ -113,11 +113,10 @@ def core_stack(lab: h.Lab, tmp_path: Path) -> Iterator[CoreStack]:
     try:
         bus.start()
         manager.start()
-        # The shipped unit; the drop-in only places it in the gateway namespace and lets the
-        # core write its test logs.
-        manager.install_unit(
-            SHIPPED_UNIT, f"[Service]\nNetworkNamespacePath=/run/netns/{h.GW}\nReadWritePaths={tmp_path}\n"
-        )
+        # The shipped unit; the drop-in only places it in the gateway namespace and shows the
+        # core the test's directory (its config, under the manager's runtime directory, and its
+        # test logs), which lies under the /tmp that PrivateTmp= hides.
+        manager.install_unit(SHIPPED_UNIT, f"[Service]\nNetworkNamespacePath=/run/netns/{h.GW}\nBindPaths={tmp_path}\n")
         yield stack
     finally:
         for proc in stack.daemons:

@@ -22,6 +22,12 @@ _LAUNCH = r"""
 for root in "$@"; do echo $$ > "$root/cgroup.procs"; done
 mount -n -t tmpfs -o mode=755 tproxyd-test-rsd /run/systemd
 mkdir -p /run/systemd/system
+# The nodes systemd mounts over what a unit may not see (ProtectHome=, ProtectKernelTunables=,
+# ProtectKernelLogs=, InaccessiblePaths=): PID 1 makes them at boot; without them such a unit
+# fails with 226/NAMESPACE. (A socket node cannot be made from the shell; no unit needs one.)
+mkdir -p /run/systemd/inaccessible && cd /run/systemd/inaccessible
+mkdir -m 0 dir && : > reg && chmod 0 reg && mkfifo -m 0 fifo && mknod -m 0 chr c 0 0 && mknod -m 0 blk b 0 0
+cd /
 mount -n --bind "$CONSOLE" /dev/console
 exec /lib/systemd/systemd --user --log-target=console --log-level=info
 """
