@@ -8,7 +8,7 @@ DEBIAN_PACKAGES := nftables libnftables1 python3-nftables python3-jsonschema pyt
 	libdbus-1-dev libglib2.0-dev libsystemd-dev pkg-config gcc python3-dev \
 	gnome-shell gnome-shell-extension-appindicator gjs xvfb xdotool imagemagick python3-gi gir1.2-gtk-4.0 gir1.2-adw-1
 
-.PHONY: deps check lint typecheck unit e2e test bench demo clean install uninstall lock
+.PHONY: deps check lint typecheck unit e2e test bench demo clean install uninstall purge lock
 
 deps: $(VENV)/.deps-stamp
 
@@ -86,11 +86,12 @@ lock:
 	UV_CACHE_DIR="$$tmp/cache" "$$tmp/venv/bin/uv" pip compile -q $(LOCK_ARGS) --extra test pyproject.toml requirements/build.in \
 		-c requirements/runtime.txt -o requirements/test.txt
 
-# --- install (Debian 12) -------------------------------------------------------------------------
-# The package lives in its own venv under $(PREFIX)/lib/tproxyd, made from Debian's python with
-# --system-site-packages: Debian ships pyroute2 0.7 and dbus-fast 1.84, tproxyd needs pyroute2
-# >= 0.9 (AsyncIPRoute) and a current dbus-fast from PyPI, while libnftables' binding comes from
-# Debian (python3-nftables). Everyone can run /usr/bin/tproxyctl (the venv is world-readable).
+# --- install (Debian 12 and 13) ------------------------------------------------------------------
+# The package lives in its own venv under $(PREFIX)/lib/tproxyd, made from Debian's python (3.11 on
+# Debian 12, 3.13 on 13) with --system-site-packages: Debian ships pyroute2 0.7 (12: 0.7.2, 13:
+# 0.7.7) and an older dbus-fast, tproxyd needs pyroute2 >= 0.9 (AsyncIPRoute) and a current
+# dbus-fast from PyPI, while libnftables' binding (python3-nftables) and python3-systemd come
+# from Debian. Everyone can run /usr/bin/tproxyctl (the venv is world-readable).
 PREFIX ?= /usr
 SYSCONFDIR ?= /etc
 DESTDIR ?=
@@ -107,6 +108,8 @@ POLKIT_ACTIONS := $(DESTDIR)$(PREFIX)/share/polkit-1/actions
 DOCDIR := $(DESTDIR)$(PREFIX)/share/doc/tproxyd
 NM_DISPATCHER := $(DESTDIR)$(PREFIX)/lib/NetworkManager/dispatcher.d
 CONFDIR := $(DESTDIR)$(SYSCONFDIR)/tproxyd
+# The unit's StateDirectory=: the saved choices (state.json).
+STATEDIR := $(DESTDIR)/var/lib/tproxyd
 EXT_UUID := tproxyd@tproxyd.github.io
 GNOME_EXT := $(DESTDIR)$(PREFIX)/share/gnome-shell/extensions/$(EXT_UUID)
 # Which extension: desktop/gnome-shell/43 (legacy imports: GNOME 43, 44) or 45 (ES modules: 45 and
@@ -158,7 +161,9 @@ install:
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "install: done. Try: tproxyctl status"
 
-# Removes everything install put down; the config goes too unless you changed it.
+# Removes the program (everything install put down), as Debian's `apt remove` does: the saved
+# choices (/var/lib/tproxyd), the core's file logs (/var/log/tproxyd) and a config you changed
+# stay, so a later install carries on where this one stopped. `make purge` removes them too.
 uninstall:
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
 		systemctl stop tproxyd.service tproxyd-core.service 2>/dev/null || true; \
@@ -169,6 +174,15 @@ uninstall:
 	@if [ -e $(CONFDIR)/config.toml ] && cmp -s etc/config.toml $(CONFDIR)/config.toml; then \
 		rm -f $(CONFDIR)/config.toml; rmdir $(CONFDIR) 2>/dev/null || true; \
 	elif [ -e $(CONFDIR)/config.toml ]; then echo "uninstall: keeping your edited $(CONFDIR)/config.toml"; fi
-	rm -rf $(DESTDIR)/var/lib/tproxyd $(DESTDIR)/run/tproxyd
+	rm -rf $(DESTDIR)/run/tproxyd
 	-rmdir $(DESTDIR)/var/log/tproxyd 2>/dev/null  # the core's LogsDirectory, if it holds nothing
+	@if [ -d $(STATEDIR) ]; then echo "uninstall: keeping the saved choices in $(STATEDIR) (make purge removes them)"; fi
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+
+# uninstall, then everything tproxyd kept: saved choices, file logs and the config (edited or not),
+# as Debian's `apt purge` does. Files of your own in $(CONFDIR) stay, and so does the directory.
+purge: uninstall
+	rm -rf $(STATEDIR) $(DESTDIR)/var/log/tproxyd
+	rm -f $(CONFDIR)/config.toml
+	@if [ -d $(CONFDIR) ] && ! rmdir $(CONFDIR) 2>/dev/null; then \
+		echo "purge: keeping $(CONFDIR): it holds files tproxyd did not install"; fi
