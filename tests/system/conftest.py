@@ -87,22 +87,25 @@ def host_unchanged(prerequisites: None, tmp_path_factory: pytest.TempPathFactory
     assert not problems, "the system tier changed the host:\n" + "\n".join(problems)
 
 
-@pytest.fixture(scope="package")
-def container(host_unchanged: Path) -> Iterator[Container]:
-    """The booted container, shared by the tests of this package, in file order."""
-    workdir = host_unchanged
+@pytest.fixture(scope="package", params=images.SUITES)
+def container(request: pytest.FixtureRequest, host_unchanged: Path) -> Iterator[Container]:
+    """The booted container of one Debian release (each test runs on every one of
+    images.SUITES), shared by the tests of this package, in file order."""
+    suite: str = request.param
+    workdir = host_unchanged / suite
+    workdir.mkdir()
     log = workdir / "images.log"
     started = time.monotonic()
-    wheels = images.ensure_wheelhouse(REPO, log)
-    rootfs, build_seconds = images.ensure_rootfs(REPO, log)
-    REPORT["rootfs"] = (
+    rootfs, build_seconds = images.ensure_rootfs(REPO, log, suite)
+    wheels = images.ensure_wheelhouse(REPO, log, rootfs)
+    REPORT[f"{suite} rootfs"] = (
         f"{rootfs} (built now in {build_seconds:.0f} s)" if build_seconds else f"{rootfs} (from the cache)"
     )
-    REPORT["images"] = f"{time.monotonic() - started:.1f} s (rootfs + wheelhouse)"
-    box = Container(rootfs, wheels, REPO, workdir / "container")
+    REPORT[f"{suite} images"] = f"{time.monotonic() - started:.1f} s (rootfs + wheelhouse)"
+    box = Container(rootfs, wheels, REPO, workdir / "container", suite)
     with booted(box):
-        REPORT["make install (chroot)"] = f"{box.timings['make install']:.1f} s"
-        REPORT["boot to SystemState=running"] = f"{box.timings['boot']:.2f} s"
+        REPORT[f"{suite} make install (chroot)"] = f"{box.timings['make install']:.1f} s"
+        REPORT[f"{suite} boot to SystemState=running"] = f"{box.timings['boot']:.2f} s"
         yield box
     # booted() stopped it; nothing may remain in its namespaces.
     assert not processes_in_namespaces(box.namespaces)

@@ -1,5 +1,5 @@
-"""A bookworm container booted with systemd as PID 1, with tproxyd installed by `make install`
-(docs/architecture.md, "systemd as PID 1 in a container", and its safety notes).
+"""A Debian container (bookworm or trixie) booted with systemd as PID 1, with tproxyd installed
+by `make install` (docs/architecture.md, "systemd as PID 1 in a container", and its safety notes).
 
 Layout of one run (all under `workdir`; besides it, the host gets only our cgroup directories,
 removed afterwards, and the cache of tests/system/images.py):
@@ -204,12 +204,13 @@ def remove_stale_cgroups() -> None:
 
 
 class Container:
-    def __init__(self, rootfs: Path, wheels: Path, repo: Path, workdir: Path, name: str = "tproxyd-systest") -> None:
+    def __init__(self, rootfs: Path, wheels: Path, repo: Path, workdir: Path, suite: str) -> None:
+        self.suite = suite
         self.rootfs = rootfs
         self.wheels = wheels
         self.repo = repo
         self.workdir = workdir
-        self.name = name
+        self.name = f"tproxyd-systest-{suite}"
         self.upper = workdir / "upper"
         self.ovl_work = workdir / "ovl-work"
         self.root = workdir / "root"
@@ -363,7 +364,14 @@ class Container:
                     f"--bind={self.bus_dir}:/run/dbus",
                 ],
                 # PID 1 must not inherit anything (a leaked DBUS_SYSTEM_BUS_ADDRESS hung a boot).
-                env={"PATH": PATH, "TPROXYD_CGROUPS": " ".join(str(c) for c in self.cgroups)},
+                # A cgroup2 view for the container (of its sub-cgroup in the host's
+                # /sys/fs/cgroup/unified): systemd 257 refuses to run on cgroup v1, which is
+                # what this v1/hybrid host would give it otherwise.
+                env={
+                    "PATH": PATH,
+                    "TPROXYD_CGROUPS": " ".join(str(c) for c in self.cgroups),
+                    "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1",
+                },
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -408,9 +416,11 @@ class Container:
         check: bool = True,
         timeout: float = 60,
         env: dict[str, str] | None = None,
+        input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run a command inside the container (all its namespaces, its root), with a clean
-        environment; as `user` (with that user's groups from the container's /etc) if given."""
+        environment; as `user` (with that user's groups from the container's /etc) if given;
+        its stdin is `input`, else /dev/null."""
         environment = {"PATH": PATH, "LANG": "C.UTF-8", "HOME": "/root" if user is None else "/", **(env or {})}
         cmd = [
             "nsenter",
@@ -430,7 +440,13 @@ class Container:
         if user is not None:
             cmd += ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
         proc = subprocess.run(
-            [*cmd, *args], env={"PATH": PATH}, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+            [*cmd, *args],
+            env={"PATH": PATH},
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and proc.returncode != 0:
             raise AssertionError(
