@@ -70,7 +70,8 @@ SERVICE = "org.freedesktop.systemd1.Service"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 
 # NetworkManager in a container without udev (nspawn mounts /sys read-only, so NM manages
-# devices itself). The veth peers are ours, set up by the tests; NM leaves them alone.
+# devices itself). The veth peers and the wire to the upstream namespace (tpxw) are ours, set up
+# by the tests; NM leaves them alone.
 NM_CONF = """\
 [main]
 plugins=keyfile
@@ -80,7 +81,7 @@ hostname-mode=none
 no-auto-default=*
 
 [keyfile]
-unmanaged-devices=interface-name:tpx*p
+unmanaged-devices=interface-name:tpx*p;interface-name:tpxw
 
 [connectivity]
 enabled=false

@@ -528,14 +528,14 @@ def upstream(box: Container, tmp_path: Path) -> Iterator[Upstream]:
         own = os.stat("/proc/self/ns/net").st_ino
         wait_for("the upstream namespace", lambda: os.stat(f"/proc/{holder.pid}/ns/net").st_ino != own, 10)
         box.in_netns("ip", "link", "add", WIRE, "type", "veth", "peer", "name", WIRE_PEER, "netns", str(holder.pid))
-        box.in_netns("ip", "address", "add", WIRE_ADDRESS[0], "dev", WIRE)
-        box.in_netns("ip", "link", "set", WIRE, "up")
-        gateway = WIRE_ADDRESS[1].split("/")[0]
-        box.in_netns("ip", "route", "add", f"{SERVER[0]}/32", "via", gateway, "dev", WIRE)
         in_upstream(holder.pid, "ip", "link", "set", "lo", "up")
         in_upstream(holder.pid, "ip", "address", "add", WIRE_ADDRESS[1], "dev", WIRE_PEER)
         in_upstream(holder.pid, "ip", "link", "set", WIRE_PEER, "up")
         in_upstream(holder.pid, "ip", "address", "add", f"{SERVER[0]}/32", "dev", "lo")
+        box.in_netns("ip", "address", "add", WIRE_ADDRESS[0], "dev", WIRE)
+        box.in_netns("ip", "link", "set", WIRE, "up")
+        gateway = WIRE_ADDRESS[1].split("/")[0]
+        box.in_netns("ip", "route", "add", f"{SERVER[0]}/32", "via", gateway, "dev", WIRE)
         body = f"tproxyd system tier {os.getpid()}"
         (tmp_path / "probe").write_text(body)
         server = subprocess.Popen(
