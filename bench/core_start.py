@@ -617,10 +617,9 @@ def run(args: argparse.Namespace) -> Report:
         server = e2e.start_peer_server(srv, workdir / "server.log", (PORT,), ())
         bus.start()
         manager.start()
-        # The shipped unit; the drop-in only joins the gateway namespace and lets the core write its logs.
-        manager.install_unit(
-            SHIPPED_UNIT, f"[Service]\nNetworkNamespacePath=/run/netns/{gw}\nReadWritePaths={workdir}\n"
-        )
+        # The shipped unit; the drop-in only joins the gateway namespace and shows the core the work
+        # directory (its config and logs), which lies under the /tmp that PrivateTmp= hides.
+        manager.install_unit(SHIPPED_UNIT, f"[Service]\nNetworkNamespacePath=/run/netns/{gw}\nBindPaths={workdir}\n")
         restart_shown = manager.systemctl("show", "-p", "RestartUSec", "--value", UNIT).strip()
         lab.observer = Observer(bus.address, manager.bus_address)
         lab.observer.start()

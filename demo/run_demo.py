@@ -136,9 +136,10 @@ def run_demo(demo: Demo, stack: ExitStack) -> None:
     manager = UserManager(w / "systemd", "tproxyd-demo")
     manager.start()
     stack.callback(manager.stop)
-    # The shipped core unit; the drop-in only puts it in the gateway namespace and lets it log here.
+    # The shipped core unit; the drop-in only puts it in the gateway namespace and shows it the
+    # demo's directory (its config and logs), which lies under the /tmp that PrivateTmp= hides.
     manager.install_unit(
-        REPO / "systemd" / CORE_UNIT, f"[Service]\nNetworkNamespacePath=/run/netns/{GW}\nReadWritePaths={w}\n"
+        REPO / "systemd" / CORE_UNIT, f"[Service]\nNetworkNamespacePath=/run/netns/{GW}\nBindPaths={w}\n"
     )
     demo.prove("polkitd owns its name on the demo bus", lambda: bus.has_owner("org.freedesktop.PolicyKit1"))
 
