@@ -39,10 +39,12 @@ OPTIONS = {"IP_TRANSPARENT", "IPV6_TRANSPARENT", "SO_MARK"}
 
 
 def options_allowed(capabilities: list[str]) -> dict[str, str]:
-    """Run PROBE as root with exactly `capabilities` (bounding, permitted and effective)."""
+    """Run PROBE as root with exactly `capabilities` (bounding, permitted and effective), in a
+    network namespace of its own (it dies with the probe)."""
     bounding = ",".join(["-all", *(f"+{c.removeprefix('CAP_').lower()}" for c in capabilities)])
+    setpriv = ["setpriv", f"--bounding-set={bounding}", "--inh-caps=-all"]
     proc = subprocess.run(
-        ["setpriv", f"--bounding-set={bounding}", "--inh-caps=-all", "--", sys.executable, "-c", PROBE],
+        ["unshare", "--net", "--", *setpriv, "--", sys.executable, "-c", PROBE],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
