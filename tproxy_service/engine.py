@@ -39,6 +39,12 @@ class RoutingPort(Protocol):
     async def remove(self, state: RoutingState) -> None: ...
 
 
+class FirewallPort(Protocol):
+    """A host firewall that must be told to let diverted packets in (kernel/firewalld.py)."""
+
+    async def admit(self, mark: int | None) -> str | None: ...
+
+
 class FactsPort(Protocol):
     async def read(self) -> Facts: ...
 
@@ -91,8 +97,10 @@ class Engine:
         routing: RoutingPort,
         facts: FactsPort,
         core: CorePort | None = None,
+        firewalls: tuple[FirewallPort, ...] = (),
     ) -> None:
         self._nft = nft
+        self._firewalls = firewalls
         self._routing = routing
         self._facts = facts
         self._core = core
@@ -264,9 +272,19 @@ class Engine:
             self._publish(EngineStatus(ServiceState.FAILED, self.status.active_links, str(e), core.active_state))
             return
         self._applied = _Applied(desired.nft, desired.routing, known=True)
+        problem = await self._admit(desired.nft)
         state = service_state(wanted, core, self._core_was_ready, policy)
         error = core.detail if state in (ServiceState.DEGRADED, ServiceState.BLOCKED) else ""
+        if problem and state is ServiceState.ACTIVE:  # diverted lan traffic would die at the firewall
+            state, error = ServiceState.DEGRADED, problem
         self._publish(EngineStatus(state, desired.active_links, error, core.active_state))
+
+    async def _admit(self, nft: NftState | None) -> str:
+        """Let the host firewalls admit what lan links divert (host links re-enter via lo, which
+        firewalls accept). Returns the first reason one cannot, for LastError."""
+        mark = nft.settings.mark if nft is not None and nft.lan_links else None
+        problems = [p for p in [await fw.admit(mark) for fw in self._firewalls] if p]
+        return problems[0] if problems else ""  # _publish logs it with the state
 
     async def _drive_core(self, wanted: bool) -> CoreStatus:
         """Start/stop the core with the want; without a supervisor the core counts as ready."""
@@ -335,6 +353,7 @@ class Engine:
                 await self._task
             self._task = None
         if remove:
+            await self._admit(None)
             await self._nft.delete()
             # What we applied, and what the current config would apply (a crashed run's leftovers).
             await self._routing.remove(_union(self._applied.routing, build_routing(self._config.tproxy)))

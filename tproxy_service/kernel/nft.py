@@ -59,6 +59,28 @@ class NftablesAdapter:
     async def _call(self, func: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
 
+    async def run(self, payload: dict[str, Any], what: str) -> None:
+        """Run a batch on another table (a neighbour's), on the same worker thread as ours."""
+        await self._call(self._run_json, payload, what)
+
+    async def listing(self, payload: dict[str, Any], what: str) -> dict[str, Any]:
+        """A `list` command's JSON answer, with rule handles."""
+        return dict(await self._call(self._listing, payload, what))
+
+    def _listing(self, payload: dict[str, Any], what: str) -> Any:
+        ctx = self._ctx()
+        ctx.set_handle_output(True)
+        try:
+            rc, output, error = ctx.json_cmd(payload)  # output: the decoded JSON answer
+        finally:
+            ctx.set_handle_output(False)
+        if rc != 0:
+            raise KernelError(f"{what} failed: {(error or '').strip() or rc}")
+        return output or {}
+
+    async def table_exists(self, name: str) -> bool:
+        return bool(await self._call(table_exists, name))
+
     async def replace(self, state: NftState) -> None:
         """Atomically replace table inet tproxyd with `state` (nothing else is touched)."""
         if self.watch:
@@ -82,7 +104,7 @@ class NftablesAdapter:
         self._run_json(rules.build_replace(state, self._bypass_elements), "replacing table inet tproxyd")
 
     async def exists(self) -> bool:
-        return bool(await self._call(table_exists, rules.TABLE))
+        return await self.table_exists(rules.TABLE)
 
     async def update_elements(self, changes: list[rules.SetChange]) -> None:
         await self._call(self._elements.apply, changes)

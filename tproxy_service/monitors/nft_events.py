@@ -4,7 +4,10 @@ ruleset`, a deleted rule or element) and reports it as drift.
 Every nf_tables transaction ends with a NEWGEN event whose header names the committing netlink
 socket; changes committed through our own sockets are ignored. Listening makes the kernel emit one event per set
 element, which would make our own 100k-entry replaces ~50% slower and flood this socket, so the
-nft adapter pauses the watch around full replaces and checks the table right after."""
+nft adapter pauses the watch around full replaces and checks the table right after.
+
+The same socket watches neighbours' tables (firewalld's): a change there (a reload rebuilds it)
+calls that table's callback, so the daemon can put its rule back."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from ..kernel.nft_netlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET
 
@@ -68,11 +71,17 @@ def _own_portids() -> set[int]:
 
 
 class NftDriftWatch:
-    def __init__(self, table: str, on_drift: Callable[[str], None]) -> None:
-        self._table = table.encode() + b"\0"
-        self._on_drift = on_drift
+    def __init__(
+        self,
+        table: str,
+        on_drift: Callable[[str], None],
+        neighbours: Mapping[str, Callable[[str], None]] | None = None,
+    ) -> None:
+        # inet table name (NUL-terminated, as in the messages) -> its callback
+        self._callbacks = {name.encode() + b"\0": cb for name, cb in (neighbours or {}).items()}
+        self._callbacks[table.encode() + b"\0"] = on_drift
         self._sock: socket.socket | None = None
-        self._touched = False
+        self._touched: set[bytes] = set()
         self._portids: set[int] = set()  # cache of _own_portids(), refreshed on a miss
 
     def _from_us(self, portid: int) -> bool:
@@ -93,7 +102,7 @@ class NftDriftWatch:
         sock.bind((0, 0))
         sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
         self._sock = sock
-        self._touched = False
+        self._touched = set()
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
     def pause(self) -> None:
@@ -114,7 +123,8 @@ class NftDriftWatch:
                 return
             except OSError as e:  # ENOBUFS: events were lost, assume the worst
                 log.warning("nftables event overflow (%s); re-checking our table", e)
-                self._on_drift("nftables events lost")
+                for callback in self._callbacks.values():
+                    callback("nftables events lost")
                 continue
             self._parse(buf)
 
@@ -131,8 +141,11 @@ class NftDriftWatch:
                     pid_raw = attrs.get(NFTA_GEN_PROC_PID)
                     pid = struct.unpack("!I", pid_raw)[0] if pid_raw and len(pid_raw) == 4 else 0
                     if self._touched and not self._from_us(portid):
-                        self._on_drift(f"table changed by pid {pid}")
-                    self._touched = False
-                elif family == NFPROTO_INET and attrs.get(NFTA_TABLE_NAME_ATTR) == self._table:
-                    self._touched = True
+                        for table in self._touched:
+                            self._callbacks[table](f"table changed by pid {pid}")
+                    self._touched = set()
+                elif family == NFPROTO_INET:
+                    table = attrs.get(NFTA_TABLE_NAME_ATTR, b"")
+                    if table in self._callbacks:
+                        self._touched.add(table)
             offset += (length + 3) & ~3

@@ -1,12 +1,12 @@
 """PURE: desired nftables state -> libnftables JSON, and element-level diffs.
 
-Everything lives in one table, `inet tproxyd`. Chains (all at mangle priority):
+Everything lives in one table, `inet tproxyd`. Chains:
 
-  prerouting (filter hook): packets of established transparent sockets are diverted
+  prerouting (filter hook, priority filter + 20): packets of established transparent sockets are diverted
       (mark + accept); traffic arriving on a lan link, and the host's own marked traffic
       re-entering via lo, jumps to `proxy`.
   proxy: `jump bypass`, then tproxy to the core (IPv4 on 127.0.0.1, IPv6 on [::1]) with the mark.
-  output (route hook): the host's own traffic leaving via a host link: `jump bypass`, then the
+  output (route hook, mangle priority): the host's own traffic leaving via a host link: `jump bypass`, then the
       mark, which makes the kernel re-route it via `local default dev lo` back into prerouting.
   bypass: `accept` = never proxied (core's own mark, replies, local/broadcast/multicast
       destinations, bypass sets, directly connected subnets); `return` = proxy it. The DNS
@@ -35,6 +35,10 @@ CHAIN_PROXY = "proxy"
 CHAIN_OUTPUT = "output"
 CHAIN_BYPASS = "bypass"
 MANGLE_PRIORITY = -150
+# After a host firewall's reverse-path filter at filter + 10 (firewalld's IPv6_rpfilter): it looks
+# the source up in the routing table our mark selects (a local default route) and drops every
+# marked IPv6 packet. Unmarked it passes; routing, which tproxy needs before it, comes later.
+PREROUTING_PRIORITY = 20
 DNS_PORT = 53
 
 Json = dict[str, Any]
@@ -101,10 +105,10 @@ def _set(name: str, key_type: str, elements: list[Any], interval: bool) -> Json:
     return {"add": {"set": body}}
 
 
-def _chain(name: str, hook: str | None = None, chain_type: str = "filter") -> Json:
+def _chain(name: str, hook: str | None = None, chain_type: str = "filter", prio: int = MANGLE_PRIORITY) -> Json:
     body: Json = {"family": FAMILY, "table": TABLE, "name": name}
     if hook:
-        body.update({"type": chain_type, "hook": hook, "prio": MANGLE_PRIORITY, "policy": "accept"})
+        body.update({"type": chain_type, "hook": hook, "prio": prio, "policy": "accept"})
     return {"add": {"chain": body}}
 
 
@@ -242,7 +246,7 @@ def build_replace(state: NftState, bypass_elements: tuple[list[Any], list[Any]] 
         _set(SET_LOCAL6, "ipv6_addr", encode_intervals(6, state.local.v6), True),
         _chain(CHAIN_BYPASS),
         _chain(CHAIN_PROXY),
-        _chain(CHAIN_PREROUTING, hook="prerouting"),
+        _chain(CHAIN_PREROUTING, hook="prerouting", prio=PREROUTING_PRIORITY),
         _chain(CHAIN_OUTPUT, hook="output", chain_type="route"),
     ]
     commands += _bypass_rules(s) + _proxy_rules(s) + _prerouting_rules(s) + _output_rules(s)

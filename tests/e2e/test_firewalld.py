@@ -1,0 +1,123 @@
+"""tproxyd beside a real firewalld 1.3 (stock configuration, every link in the default zone
+`public`, nftables backend) in the gateway namespace: lan and host mode proxy TCP and UDP over
+IPv4 and IPv6, the zone still guards the gateway itself, firewalld's reloads, restarts and late
+start are followed, and stopping tproxyd leaves firewalld exactly as it was."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import support
+
+from . import harness as h
+from .conftest import StartDaemon
+from .firewalld import Firewalld, missing
+
+pytestmark = pytest.mark.root
+
+FLOWS = [(proto, family) for proto in ("tcp", "udp") for family in (4, 6)]
+GATEWAY_PORT = 8097  # a service on the gateway itself that zone public does not open
+
+
+@pytest.fixture(scope="module")
+def firewalld(lab: h.Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Firewalld]:
+    if problem := missing():
+        pytest.skip(problem)
+    fw = Firewalld(tmp_path_factory.mktemp("firewalld"), h.GW)
+    try:
+        fw.start_bus()
+        fw.start()
+        yield fw
+    finally:
+        fw.close()
+    # CleanupOnExit: firewalld takes its table with it; nothing of it may stay in the lab.
+    assert "inet firewalld" not in h.nft_tables(h.GW)
+
+
+@pytest.fixture
+def running(firewalld: Firewalld) -> Iterator[Firewalld]:
+    """firewalld up at the start of the test (a test may stop it) and at its end."""
+    if firewalld.proc is None:
+        firewalld.start()
+    yield firewalld
+    if firewalld.proc is None:
+        firewalld.start()
+
+
+def _admission(ns: str = h.GW) -> bool:
+    chain = h.in_ns(ns, "nft", "list", "chain", "inet", "firewalld", "filter_INPUT", check=False).stdout
+    return "tproxyd: admit diverted packets" in chain
+
+
+def _all_proxied(lab: h.Lab) -> None:
+    for proto, family in FLOWS:
+        lan = h.send(proto, h.CLI, h.CLIENT.of(family), h.SERVER.of(family))
+        lab.proofs.proxied(lan, expected_peer=h.GW_UP.of(family))
+        own = h.send(proto, h.GW, h.GW_UP.of(family), h.SERVER.of(family))
+        lab.proofs.proxied(own, expected_peer=h.GW_UP.of(family))
+
+
+def test_lan_and_host_mode_proxy_through_firewalld(lab: h.Lab, running: Firewalld, start_tproxyd: StartDaemon) -> None:
+    start_tproxyd()  # ready: firewalld admits diverted packets from then on
+    _all_proxied(lab)
+
+
+def test_zone_still_rejects_gateway_ports_it_does_not_open(
+    lab: h.Lab, running: Firewalld, start_tproxyd: StartDaemon
+) -> None:
+    start_tproxyd()
+    h.wait_until(_admission, 10, "tproxyd's rule in firewalld's input chain")
+    server = h.start_peer_server(h.GW, lab.workdir / "gateway-service.log", (GATEWAY_PORT,), ())
+    try:
+        for family in (4, 6):
+            with pytest.raises(AssertionError, match="curl rc"):
+                h.http_get(h.CLI, h.CLIENT.of(family), h.GW_LAN.of(family), GATEWAY_PORT)
+        # The service answers once the zone opens its port: the refusal above was the zone's.
+        running.cmd(f"--add-port={GATEWAY_PORT}/tcp")
+        try:
+            for family in (4, 6):
+                flow = h.http_get(h.CLI, h.CLIENT.of(family), h.GW_LAN.of(family), GATEWAY_PORT)
+                assert flow.seen_peer == h.CLIENT.of(family)
+        finally:
+            running.cmd(f"--remove-port={GATEWAY_PORT}/tcp")
+    finally:
+        h.stop_process(server)
+
+
+def test_follows_reload_restart_and_a_late_start(lab: h.Lab, running: Firewalld, start_tproxyd: StartDaemon) -> None:
+    running.stop()
+    daemon = start_tproxyd()  # firewalld not running: nothing to admit
+    running.start()  # firewalld after tproxyd
+    h.wait_until(_admission, 15, "tproxyd's rule after firewalld started")
+    _all_proxied(lab)
+    running.cmd("--reload")  # rebuilds firewalld's table, without our rule
+    h.wait_until(_admission, 15, "tproxyd's rule after firewall-cmd --reload")
+    _all_proxied(lab)
+    running.stop()
+    running.start()
+    h.wait_until(_admission, 15, "tproxyd's rule after a firewalld restart")
+    _all_proxied(lab)
+    assert daemon.running
+
+
+def test_stop_and_release_leave_firewalld_as_it_was(
+    lab: h.Lab, running: Firewalld, start_tproxyd: StartDaemon, tmp_path: Path
+) -> None:
+    runtime, permanent = running.runtime_state(), running.permanent_files()
+    config = h.TproxydConfig(tmp_path / "conf")
+    daemon = start_tproxyd(config)
+    h.wait_until(_admission, 10, "tproxyd's rule in firewalld's input chain")
+    assert running.permanent_files() == permanent, "tproxyd changed firewalld's permanent configuration"
+    # Releasing the only lan link takes the rule out; host mode needs none (lo is trusted).
+    daemon.reload(h.TproxydConfig(config.workdir, links={h.UP_LINK: "host"}))
+    h.wait_until(lambda: not _admission(), 10, "tproxyd's rule gone after the lan link was released")
+    daemon.reload(config)
+    h.wait_until(_admission, 10, "tproxyd's rule back with the lan link")
+    assert daemon.terminate() == 0
+    assert not _admission(), "tproxyd left its rule in firewalld's input chain"
+    assert running.runtime_state() == runtime
+    assert running.permanent_files() == permanent
+    support.wait_until(lambda: h.kernel_state(h.GW).absent, 5, "tproxyd's kernel state removed")

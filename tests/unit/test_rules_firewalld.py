@@ -1,0 +1,75 @@
+"""The pure builder of the rule tproxyd keeps in firewalld's input chain."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tproxy_service.rules import firewalld as fw
+
+
+def _rule(handle: int, expr: list[Any], comment: str | None = None) -> dict[str, Any]:
+    rule: dict[str, Any] = {"family": "inet", "table": "firewalld", "chain": "filter_INPUT", "handle": handle}
+    rule["expr"] = expr
+    if comment:
+        rule["comment"] = comment
+    return {"rule": rule}
+
+
+FIREWALLD_OWN = _rule(4, [{"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established"]}}])
+
+
+def _listing(*rules: dict[str, Any]) -> dict[str, Any]:
+    return {"nftables": [{"metainfo": {"json_schema_version": 1}}, {"chain": {"name": "filter_INPUT"}}, *rules]}
+
+
+def _ours(handle: int, mark: int) -> dict[str, Any]:
+    expr = [{"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": mark}}, {"accept": None}]
+    return _rule(handle, expr, fw.COMMENT)
+
+
+def test_inserts_a_mark_accept_at_the_head_of_the_input_chain() -> None:
+    batch = fw.build_sync(_listing(FIREWALLD_OWN), 1)
+    assert batch is not None
+    commands = batch["nftables"][1:]
+    assert commands == [
+        {
+            "insert": {
+                "rule": {
+                    "family": "inet",
+                    "table": "firewalld",
+                    "chain": "filter_INPUT",
+                    "comment": fw.COMMENT,
+                    "expr": [{"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 1}}, {"accept": None}],
+                }
+            }
+        }
+    ]
+
+
+def test_nothing_to_do_when_our_rule_is_there() -> None:
+    assert fw.build_sync(_listing(_ours(9, 1), FIREWALLD_OWN), 1) is None
+    assert fw.build_sync(_listing(FIREWALLD_OWN), None) is None
+
+
+def test_removal_deletes_only_our_rules_by_handle() -> None:
+    batch = fw.build_sync(_listing(_ours(9, 1), FIREWALLD_OWN, _ours(12, 1)), None)
+    assert batch is not None
+    handles = [c["delete"]["rule"]["handle"] for c in batch["nftables"][1:]]
+    assert handles == [9, 12]
+
+
+def test_another_mark_replaces_the_rule() -> None:
+    batch = fw.build_sync(_listing(_ours(9, 1)), 7)
+    assert batch is not None
+    kinds = [next(iter(c)) for c in batch["nftables"][1:]]
+    assert kinds == ["delete", "insert"]
+    assert batch["nftables"][2]["insert"]["rule"]["expr"][0]["match"]["right"] == 7
+
+
+def test_the_batch_passes_libnftables_schema() -> None:
+    import pytest
+
+    nftables = pytest.importorskip("nftables", reason="Debian's python3-nftables is required")
+    pytest.importorskip("jsonschema", reason="python3-jsonschema is required for schema validation")
+    batch = fw.build_sync(_listing(_ours(9, 1)), 7)
+    assert nftables.Nftables().json_validate(batch)
