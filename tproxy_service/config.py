@@ -269,7 +269,10 @@ def parse_config(text: str, name: str = "<config>", base: Path | None = None) ->
     except ConfigError as e:
         line = src.line_of("bypass", "cidrs")
         raise ConfigError(f"{name}:{line}: {e}" if line else f"{name}: {e}") from None
-    user_bypass: AddressSet = union(user_cidrs, *(load_cidr_file(f) for f in files))
+    try:
+        user_bypass: AddressSet = union(user_cidrs, *(load_cidr_file(f) for f in files))
+    except ConfigError as e:  # a missing or bad list: which key of which config brought it in
+        raise src.error("bypass", "files", str(e)) from None
 
     return Config(
         path=None,

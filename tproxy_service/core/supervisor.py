@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -19,7 +20,7 @@ from ..kernel.sockets import core_listening
 from ..model import Config, CoreStatus
 from .dns_route import dns_warnings
 from .systemd import SystemdError, UnitStatus
-from .v2ray_config import build_core_config, inbound_tags, parse_user_config, render
+from .v2ray_config import build_core_config, inbound_tags, locate, parse_user_config, render
 
 log = logging.getLogger(__name__)
 CORE_CONFIG = "core.json"
@@ -27,6 +28,7 @@ CORE_ENV = "core.env"
 READY_POLL = 0.02  # s between socket checks while the unit is active but not yet listening
 WATCH_POLL = 0.5  # s between socket checks of a ready core
 TEST_TIMEOUT = 20.0
+_CITED_LINE = re.compile(r"at line (\d+) char \d+")
 RETRY_UNREACHABLE = 5.0  # s between attempts to reach an unreachable systemd manager
 
 
@@ -51,7 +53,8 @@ async def render_checked(config: Config) -> tuple[str, tuple[str, ...]]:
             user = parse_user_config(core.config.read_text(encoding="utf-8"), source)
         except OSError as e:
             raise ConfigError(f"cannot read core config {core.config}: {e.strerror}") from None
-    text = render(build_core_config(user, config.tproxy, source, core.sniffing))
+    merged = build_core_config(user, config.tproxy, source, core.sniffing)
+    text = render(merged)
     warnings = dns_warnings(user, config.tproxy, inbound_tags(config.tproxy))
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="tproxyd-core-test-") as f:
         f.write(text)
@@ -76,7 +79,9 @@ async def render_checked(config: Config) -> tuple[str, tuple[str, ...]]:
     if proc.returncode != 0:
         lines = [line for line in out.decode(errors="replace").splitlines() if line.strip()]
         why = next((line for line in lines if "panic" in line or "failed" in line.lower()), lines[-1] if lines else "")
-        raise ConfigError(f"the core rejects {source}: {why.strip()[:300]}")
+        # "failed to read config file at line 49 char 15" cites the merged temporary file.
+        why = _CITED_LINE.sub(lambda m: f"at {locate(merged, int(m.group(1)), source)}", why)
+        raise ConfigError(f"the core rejects {source}: {why.strip()[:400]}")
     return text, warnings
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..model import TproxySettings
-from .dns_route import add_dns_route
+from .dns_route import DNS_OUTBOUND_TAG, add_dns_route
 from .v2ray_ports import port_ranges
 
 INBOUND_TAGS = {4: "tproxyd-tproxy4", 6: "tproxyd-tproxy6"}
@@ -74,6 +74,11 @@ def build_core_config(
         if not isinstance(sockopt, dict):
             raise ConfigError(f"{source}: outbounds[{i}].streamSettings.sockopt must be a JSON object")
         mark = sockopt.get("mark")
+        if mark is not None and (not isinstance(mark, int) or isinstance(mark, bool)):
+            raise ConfigError(
+                f"{source}: outbounds[{i}] sets sockopt.mark to {json.dumps(mark)}, but the mark must be a "
+                f"number: {settings.core_mark} ([tproxy] core_mark), or leave it out and tproxyd sets it"
+            )
         if mark is not None and mark != settings.core_mark:
             raise ConfigError(
                 f"{source}: outbounds[{i}] sets sockopt.mark {mark}, but tproxyd needs {settings.core_mark}"
@@ -98,3 +103,53 @@ def parse_user_config(text: str, source: str) -> dict[str, Any]:
 def render(config: dict[str, Any]) -> str:
     """Stable text, so 'changed' means the content changed."""
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def _line_paths(value: Any, path: str, out: list[str]) -> None:
+    """The JSON path of every line `render` writes for `value` after its first (json.dumps with
+    indent puts each key or item on a line of its own, and a container's closing bracket too)."""
+    if isinstance(value, dict) and value:
+        children: list[tuple[str, Any]] = [(f"{path}.{k}" if path else k, value[k]) for k in sorted(value)]
+    elif isinstance(value, list) and value:
+        children = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return
+    for child_path, child in children:
+        out.append(child_path)
+        _line_paths(child, child_path, out)
+    out.append(path)
+
+
+def _ours(item: Any) -> bool:
+    """An inbound, routing rule or outbound tproxyd added to the user's config."""
+    return isinstance(item, dict) and (
+        item.get("tag") in (*INBOUND_TAGS.values(), DNS_OUTBOUND_TAG) or item.get("outboundTag") == DNS_OUTBOUND_TAG
+    )
+
+
+def _lists(config: dict[str, Any]) -> dict[str, list[Any]]:
+    routing = config.get("routing")
+    rules = routing.get("rules") if isinstance(routing, dict) else None
+    found = {"inbounds": config.get("inbounds"), "outbounds": config.get("outbounds"), "routing.rules": rules}
+    return {name: items for name, items in found.items() if isinstance(items, list)}
+
+
+def locate(config: dict[str, Any], line: int, source: str) -> str:
+    """Where line `line` (1-based) of `render(config)` came from, in the user's terms: the core
+    cites lines of the merged file, which the user never sees. tproxyd's own entries (tproxy
+    inbounds and the DNS rule in front, the DNS outbound at the end) shift the user's indexes."""
+    paths = [""]
+    _line_paths(config, "", paths)
+    if not 1 <= line <= len(paths) or not paths[line - 1]:
+        return f"line {line} of the merged core config"
+    path = paths[line - 1]
+    for name, items in _lists(config).items():
+        if not path.startswith(f"{name}["):
+            continue
+        index_text, _, rest = path[len(name) + 1 :].partition("]")
+        index = int(index_text)
+        if _ours(items[index]):
+            return f"{rest.lstrip('.') or 'itself'} of the {name} entry tproxyd adds (from [tproxy])"
+        front = next((i for i, item in enumerate(items) if not _ours(item)), len(items))
+        return f"{name}[{index - front}]{rest} in {source}"
+    return f"{path} in {source}"
