@@ -20,8 +20,8 @@ from .core.supervisor import CoreSupervisor
 from .core.systemd import SystemdUnit, UnitStatus
 from .engine import Engine, EngineStatus
 from .errors import ConfigError
+from .kernel.admission import FirewallAdmission
 from .kernel.facts import FactsReader
-from .kernel.firewalld import FirewalldAdmission
 from .kernel.nft import NftablesAdapter
 from .kernel.routing import RoutingAdapter
 from .logsetup import sd_notify, setup_logging
@@ -29,7 +29,7 @@ from .model import Config, NmFacts
 from .monitors.netlink import NetlinkMonitor
 from .monitors.networkmanager import NetworkManagerMonitor
 from .monitors.nft_events import NftDriftWatch
-from .rules.firewalld import TABLE as FIREWALLD_TABLE
+from .rules.admission import INPUT_CHAINS
 from .rules.nft import TABLE
 from .state_store import StateStore
 
@@ -66,10 +66,14 @@ class Daemon:
         if config.core.supervise:
             unit = SystemdUnit(config.core.systemd_bus, config.core.unit, self._on_unit_change)
             self.core = CoreSupervisor(config, unit, lambda reason: self._request(reason))
-        firewalld = FirewalldAdmission(self.nft)
-        self.engine = Engine(config, self.nft, self.routing, self.facts, self.core, firewalls=(firewalld,))
-        # firewalld rebuilds its table on reload and restart, dropping our rule: put it back then.
-        neighbours = {FIREWALLD_TABLE: lambda reason: self._request(f"firewalld's table changed ({reason})")}
+        firewalls = FirewallAdmission(self.nft)
+        self.engine = Engine(config, self.nft, self.routing, self.facts, self.core, firewalls=(firewalls,))
+        # firewalld and ufw rebuild their chains on reload and restart, dropping our rule: put it
+        # back then (and when one starts after us).
+        neighbours = {
+            (c.family, c.table): lambda reason, owner=c.owner: self._request(f"{owner}'s rules changed ({reason})")
+            for c in INPUT_CHAINS
+        }
         self.nft_watch = NftDriftWatch(TABLE, self._nft_drift, neighbours)
         self.nft.watch = self.nft_watch
         self.nft.on_missing = self._nft_drift

@@ -378,3 +378,45 @@ def test_core_outage_closed_policy_keeps_diversion() -> None:
         await engine.stop()
 
     run(body)
+
+
+class FakeFirewall:
+    def __init__(self, problem: str | None = None) -> None:
+        self.marks: list[int | None] = []
+        self.problem = problem
+
+    async def admit(self, mark: int | None) -> str | None:
+        self.marks.append(mark)
+        return self.problem if mark is not None else None
+
+
+def test_host_firewalls_admit_our_mark_only_while_a_lan_link_is_proxied() -> None:
+    async def body() -> None:
+        nft, routing, facts, firewall = FakeNft(), FakeRouting(), FakeFacts(), FakeFirewall()
+        engine = Engine(Config(links={"eth0": LinkMode.LAN}), nft, routing, facts, firewalls=(firewall,))
+        engine.start()
+        await engine.reconcile("startup")
+        assert firewall.marks == [TproxySettings().mark]
+        await engine.wait_for(engine.set_links({"eth0": LinkMode.HOST}))  # host mode re-enters via lo
+        assert firewall.marks[-1] is None
+        await engine.wait_for(engine.set_links({"eth0": LinkMode.LAN}))
+        assert firewall.marks[-1] == TproxySettings().mark
+        await engine.stop()
+        assert firewall.marks[-1] is None, "stopping must take our rule out of the firewalls"
+
+    run(body)
+
+
+def test_a_firewall_that_cannot_admit_degrades_with_its_reason() -> None:
+    async def body() -> None:
+        firewall = FakeFirewall("firewalld runs its iptables backend; run: X")
+        engine = Engine(
+            Config(links={"eth0": LinkMode.LAN}), FakeNft(), FakeRouting(), FakeFacts(), firewalls=(firewall,)
+        )
+        engine.start()
+        status = await engine.reconcile("startup")
+        assert status.state is ServiceState.DEGRADED
+        assert status.last_error == "firewalld runs its iptables backend; run: X"
+        await engine.stop()
+
+    run(body)

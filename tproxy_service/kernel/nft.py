@@ -78,8 +78,8 @@ class NftablesAdapter:
             raise KernelError(f"{what} failed: {(error or '').strip() or rc}")
         return output or {}
 
-    async def table_exists(self, name: str) -> bool:
-        return bool(await self._call(table_exists, name))
+    async def table_exists(self, name: str, family: str = "inet") -> bool:
+        return bool(await self._call(table_exists, name, family))
 
     async def replace(self, state: NftState) -> None:
         """Atomically replace table inet tproxyd with `state` (nothing else is touched)."""

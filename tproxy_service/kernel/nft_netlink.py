@@ -187,14 +187,17 @@ NFT_MSG_NEWTABLE = 0
 NFTA_TABLE_NAME = 1
 
 
-def table_exists(table: str) -> bool:
+NFPROTO = {"inet": NFPROTO_INET, "ip": 2, "ip6": 10}
+
+
+def table_exists(table: str, family: str = "inet") -> bool:
     """A single-table GETTABLE: microseconds, whatever the table holds."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
         sock.bind((0, 0))
         sock.settimeout(2.0)
         payload = _attr(NFTA_TABLE_NAME, table.encode() + b"\0")
         msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE
-        sock.send(_message(msg_type, NLM_F_REQUEST | NLM_F_ACK, 1, NFPROTO_INET, 0, payload))
+        sock.send(_message(msg_type, NLM_F_REQUEST | NLM_F_ACK, 1, NFPROTO[family], 0, payload))
         found = False
         while True:
             buf = sock.recv(65536)

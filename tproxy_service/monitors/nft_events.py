@@ -6,8 +6,8 @@ socket; changes committed through our own sockets are ignored. Listening makes t
 element, which would make our own 100k-entry replaces ~50% slower and flood this socket, so the
 nft adapter pauses the watch around full replaces and checks the table right after.
 
-The same socket watches neighbours' tables (firewalld's): a change there (a reload rebuilds it)
-calls that table's callback, so the daemon can put its rule back."""
+The same socket watches neighbours' tables (firewalld's, ufw's): a change there (a reload
+rebuilds them) calls that table's callback, so the daemon can put its rule back."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import socket
 import struct
 from collections.abc import Callable, Mapping
 
-from ..kernel.nft_netlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET
+from ..kernel.nft_netlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO, NFPROTO_INET
 
 log = logging.getLogger(__name__)
 NFNLGRP_NFTABLES = 7
@@ -75,13 +75,14 @@ class NftDriftWatch:
         self,
         table: str,
         on_drift: Callable[[str], None],
-        neighbours: Mapping[str, Callable[[str], None]] | None = None,
+        neighbours: Mapping[tuple[str, str], Callable[[str], None]] | None = None,
     ) -> None:
-        # inet table name (NUL-terminated, as in the messages) -> its callback
-        self._callbacks = {name.encode() + b"\0": cb for name, cb in (neighbours or {}).items()}
-        self._callbacks[table.encode() + b"\0"] = on_drift
+        # (family, table name NUL-terminated as in the messages) -> its callback; neighbours are
+        # keyed by ("ip", "filter") etc.
+        self._callbacks = {(NFPROTO[f], name.encode() + b"\0"): cb for (f, name), cb in (neighbours or {}).items()}
+        self._callbacks[(NFPROTO_INET, table.encode() + b"\0")] = on_drift
         self._sock: socket.socket | None = None
-        self._touched: set[bytes] = set()
+        self._touched: set[tuple[int, bytes]] = set()
         self._portids: set[int] = set()  # cache of _own_portids(), refreshed on a miss
 
     def _from_us(self, portid: int) -> bool:
@@ -141,11 +142,9 @@ class NftDriftWatch:
                     pid_raw = attrs.get(NFTA_GEN_PROC_PID)
                     pid = struct.unpack("!I", pid_raw)[0] if pid_raw and len(pid_raw) == 4 else 0
                     if self._touched and not self._from_us(portid):
-                        for table in self._touched:
-                            self._callbacks[table](f"table changed by pid {pid}")
+                        for key in self._touched:
+                            self._callbacks[key](f"table changed by pid {pid}")
                     self._touched = set()
-                elif family == NFPROTO_INET:
-                    table = attrs.get(NFTA_TABLE_NAME_ATTR, b"")
-                    if table in self._callbacks:
-                        self._touched.add(table)
+                elif (key := (family, attrs.get(NFTA_TABLE_NAME_ATTR, b""))) in self._callbacks:
+                    self._touched.add(key)
             offset += (length + 3) & ~3

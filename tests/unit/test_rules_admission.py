@@ -1,10 +1,10 @@
-"""The pure builder of the rule tproxyd keeps in firewalld's input chain."""
+"""The pure builder of the rule tproxyd keeps in firewalld's and ufw's input chains."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from tproxy_service.rules import firewalld as fw
+from tproxy_service.rules import admission as fw
 
 
 def _rule(handle: int, expr: list[Any], comment: str | None = None) -> dict[str, Any]:
@@ -23,12 +23,13 @@ def _listing(*rules: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ours(handle: int, mark: int) -> dict[str, Any]:
-    expr = [{"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": mark}}, {"accept": None}]
+    counter = {"counter": {"packets": 3, "bytes": 180}}  # as listed: counter values are not ours to match
+    expr = [{"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": mark}}, counter, {"accept": None}]
     return _rule(handle, expr, fw.COMMENT)
 
 
 def test_inserts_a_mark_accept_at_the_head_of_the_input_chain() -> None:
-    batch = fw.build_sync(_listing(FIREWALLD_OWN), 1)
+    batch = fw.build_sync(fw.FIREWALLD, _listing(FIREWALLD_OWN), 1)
     assert batch is not None
     commands = batch["nftables"][1:]
     assert commands == [
@@ -39,7 +40,11 @@ def test_inserts_a_mark_accept_at_the_head_of_the_input_chain() -> None:
                     "table": "firewalld",
                     "chain": "filter_INPUT",
                     "comment": fw.COMMENT,
-                    "expr": [{"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 1}}, {"accept": None}],
+                    "expr": [
+                        {"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": 1}},
+                        {"counter": None},
+                        {"accept": None},
+                    ],
                 }
             }
         }
@@ -47,19 +52,19 @@ def test_inserts_a_mark_accept_at_the_head_of_the_input_chain() -> None:
 
 
 def test_nothing_to_do_when_our_rule_is_there() -> None:
-    assert fw.build_sync(_listing(_ours(9, 1), FIREWALLD_OWN), 1) is None
-    assert fw.build_sync(_listing(FIREWALLD_OWN), None) is None
+    assert fw.build_sync(fw.FIREWALLD, _listing(_ours(9, 1), FIREWALLD_OWN), 1) is None
+    assert fw.build_sync(fw.FIREWALLD, _listing(FIREWALLD_OWN), None) is None
 
 
 def test_removal_deletes_only_our_rules_by_handle() -> None:
-    batch = fw.build_sync(_listing(_ours(9, 1), FIREWALLD_OWN, _ours(12, 1)), None)
+    batch = fw.build_sync(fw.FIREWALLD, _listing(_ours(9, 1), FIREWALLD_OWN, _ours(12, 1)), None)
     assert batch is not None
     handles = [c["delete"]["rule"]["handle"] for c in batch["nftables"][1:]]
     assert handles == [9, 12]
 
 
 def test_another_mark_replaces_the_rule() -> None:
-    batch = fw.build_sync(_listing(_ours(9, 1)), 7)
+    batch = fw.build_sync(fw.FIREWALLD, _listing(_ours(9, 1)), 7)
     assert batch is not None
     kinds = [next(iter(c)) for c in batch["nftables"][1:]]
     assert kinds == ["delete", "insert"]
@@ -71,5 +76,12 @@ def test_the_batch_passes_libnftables_schema() -> None:
 
     nftables = pytest.importorskip("nftables", reason="Debian's python3-nftables is required")
     pytest.importorskip("jsonschema", reason="python3-jsonschema is required for schema validation")
-    batch = fw.build_sync(_listing(_ours(9, 1)), 7)
+    batch = fw.build_sync(fw.FIREWALLD, _listing(_ours(9, 1)), 7)
     assert nftables.Nftables().json_validate(batch)
+
+
+def test_ufw_chains_are_addressed_by_their_iptables_family_and_table() -> None:
+    batch = fw.build_sync(fw.UFW6, _listing(), 1)
+    assert batch is not None
+    rule = batch["nftables"][1]["insert"]["rule"]
+    assert (rule["family"], rule["table"], rule["chain"]) == ("ip6", "filter", "ufw6-before-input")

@@ -1,0 +1,74 @@
+"""PURE: the one rule tproxyd keeps in a host firewall's input chain, as libnftables JSON.
+
+TPROXY delivers a diverted packet locally with its original destination, so a host firewall's
+input filtering judges it as traffic to the gateway: firewalld's zone rejects it, ufw's INPUT
+policy drops it. An accept in our own table cannot override a drop in theirs, and neither
+front end can name these packets through its own interface: firewalld 1.x rich rules match no
+marks (and its ipsets, zones and policies exist only in its permanent configuration), ufw knows
+only its rule files. So, like OpenWrt's fw4 include, one rule `meta mark <ours> accept` goes at
+the head of their input chain, at runtime only. Only tproxyd's prerouting sets that mark, and
+only on what it diverts; everything else still meets the firewall's own rules. The expression is
+the one iptables-nft writes for `-m mark --mark N -m comment --comment C -j ACCEPT`, so
+iptables-save (which ufw reads) shows it as such. The firewalls rebuild these chains on every
+reload and restart; the daemon re-inserts the rule then.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+COMMENT = "tproxyd: admit diverted packets"
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class InputChain:
+    owner: str  # who builds the chain, for messages
+    family: str
+    table: str
+    chain: str
+
+
+FIREWALLD = InputChain("firewalld", "inet", "firewalld", "filter_INPUT")
+UFW4 = InputChain("ufw", "ip", "filter", "ufw-before-input")
+UFW6 = InputChain("ufw", "ip6", "filter", "ufw6-before-input")
+INPUT_CHAINS = (FIREWALLD, UFW4, UFW6)
+
+_META: Json = {"metainfo": {"json_schema_version": 1}}
+
+
+def _ref(c: InputChain) -> Json:
+    return {"family": c.family, "table": c.table, "chain": c.chain}
+
+
+def build_list(c: InputChain) -> Json:
+    return {"nftables": [{"list": {"chain": {"family": c.family, "table": c.table, "name": c.chain}}}]}
+
+
+def _mark_match(mark: int) -> Json:
+    return {"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": mark}}
+
+
+def _admits(rule: Json, mark: int) -> bool:
+    expr = rule.get("expr") or []
+    return bool(expr) and expr[0] == _mark_match(mark) and expr[-1] == {"accept": None}
+
+
+def our_rules(listing: Json) -> list[Json]:
+    """Our rules in a `list chain` answer (with handles), recognised by their comment."""
+    rules = (item.get("rule") for item in listing.get("nftables", []))
+    return [rule for rule in rules if rule and rule.get("comment") == COMMENT]
+
+
+def build_sync(c: InputChain, listing: Json, mark: int | None) -> Json | None:
+    """The batch turning the listed chain into one that admits `mark` (None: admits nothing of
+    ours), or None when it already does. Our rule goes first: before the firewall's drops."""
+    ours = our_rules(listing)
+    keep = [r for r in ours if mark is not None and _admits(r, mark)][:1]
+    commands: list[Json] = [{"delete": {"rule": {**_ref(c), "handle": r["handle"]}}} for r in ours if r not in keep]
+    if mark is not None and not keep:
+        expr = [_mark_match(mark), {"counter": None}, {"accept": None}]
+        commands.append({"insert": {"rule": {**_ref(c), "comment": COMMENT, "expr": expr}}})
+    return {"nftables": [_META, *commands]} if commands else None
