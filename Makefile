@@ -6,7 +6,8 @@ DEBIAN_PACKAGES := nftables libnftables1 python3-nftables python3-jsonschema pyt
 	v2ray iproute2 iputils-ping iperf3 socat curl conntrack tcpdump procps \
 	dbus-daemon dbus-bin polkitd pkexec systemd debootstrap systemd-container network-manager dnsmasq-base udhcpc \
 	libdbus-1-dev libglib2.0-dev libsystemd-dev pkg-config gcc python3-dev \
-	gnome-shell gnome-shell-extension-appindicator gjs xvfb xdotool imagemagick python3-gi gir1.2-gtk-4.0 gir1.2-adw-1
+	gnome-shell gnome-shell-extension-appindicator gjs xvfb xdotool imagemagick python3-gi gir1.2-gtk-4.0 gir1.2-adw-1 \
+	firewalld ufw iptables docker.io
 
 .PHONY: deps check lint typecheck unit e2e test bench demo clean install uninstall purge lock
 
