@@ -121,3 +121,28 @@ def test_stop_and_release_leave_firewalld_as_it_was(
     assert running.runtime_state() == runtime
     assert running.permanent_files() == permanent
     support.wait_until(lambda: h.kernel_state(h.GW).absent, 5, "tproxyd's kernel state removed")
+
+
+@pytest.mark.flushes_foreign_tables  # firewalld's iptables backend flushes every iptables table
+def test_iptables_backend_is_reported_with_the_command_that_fixes_it(
+    lab: h.Lab, running: Firewalld, start_tproxyd: StartDaemon
+) -> None:
+    conf = running.config / "firewalld.conf"
+    stock = conf.read_text()
+    running.stop()
+    conf.write_text(stock.replace("FirewallBackend=nftables", "FirewallBackend=iptables"))
+    h.in_ns(h.GW, "nft", "delete", "table", "ip", "nat")  # the foreign Docker-like table: iptables-incompatible
+    try:
+        running.start()
+        daemon = start_tproxyd()
+        daemon.wait_log("state degraded", 10)
+        log = daemon.log_text()
+        assert "firewalld runs its iptables backend" in log, log[-2000:]
+        assert "sed -i 's/^FirewallBackend=.*/FirewallBackend=nftables/' /etc/firewalld/firewalld.conf" in log
+        assert "systemctl restart firewalld" in log
+    finally:
+        running.stop()
+        conf.write_text(stock)
+        for family in ("ip", "ip6"):  # the iptables-nft tables it left behind
+            for table in ("filter", "nat", "mangle", "raw", "security"):
+                h.in_ns(h.GW, "nft", "delete", "table", family, table, check=False)
