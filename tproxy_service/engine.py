@@ -42,7 +42,7 @@ class RoutingPort(Protocol):
 class FirewallPort(Protocol):
     """A host firewall that must be told to let diverted packets in (kernel/firewalld.py)."""
 
-    async def admit(self, mark: int | None) -> str | None: ...
+    async def admit(self, mark: int, lan_links: frozenset[str]) -> str | None: ...
 
 
 class FactsPort(Protocol):
@@ -282,8 +282,9 @@ class Engine:
     async def _admit(self, nft: NftState | None) -> str:
         """Let the host firewalls admit what lan links divert (host links re-enter via lo, which
         firewalls accept). Returns the first reason one cannot, for LastError."""
-        mark = nft.settings.mark if nft is not None and nft.lan_links else None
-        problems = [p for p in [await fw.admit(mark) for fw in self._firewalls] if p]
+        mark = self._config.tproxy.mark if nft is None else nft.settings.mark
+        lan_links = frozenset() if nft is None else frozenset(nft.lan_links)
+        problems = [p for p in [await fw.admit(mark, lan_links) for fw in self._firewalls] if p]
         return problems[0] if problems else ""  # _publish logs it with the state
 
     async def _drive_core(self, wanted: bool) -> CoreStatus:

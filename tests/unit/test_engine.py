@@ -385,9 +385,9 @@ class FakeFirewall:
         self.marks: list[int | None] = []
         self.problem = problem
 
-    async def admit(self, mark: int | None) -> str | None:
-        self.marks.append(mark)
-        return self.problem if mark is not None else None
+    async def admit(self, mark: int, lan_links: frozenset[str]) -> str | None:
+        self.marks.append(mark if lan_links else None)
+        return self.problem if lan_links else None
 
 
 def test_host_firewalls_admit_our_mark_only_while_a_lan_link_is_proxied() -> None:

@@ -85,3 +85,28 @@ def test_ufw_chains_are_addressed_by_their_iptables_family_and_table() -> None:
     assert batch is not None
     rule = batch["nftables"][1]["insert"]["rule"]
     assert (rule["family"], rule["table"], rule["chain"]) == ("ip6", "filter", "ufw6-before-input")
+
+
+def _docker_rule(*matches: tuple[str, str]) -> dict[str, Any]:
+    expr: list[Any] = [{"match": {"op": "==", "left": {"meta": {"key": k}}, "right": v}} for k, v in matches]
+    return {
+        "rule": {
+            "family": "ip",
+            "table": "filter",
+            "chain": "DOCKER-USER",
+            "expr": [*expr, {"counter": None}, {"accept": None}],
+        }
+    }
+
+
+def test_docker_forward_policy_and_docker_user_rules_are_read() -> None:
+    forward = {"nftables": [{"chain": {"name": "FORWARD", "policy": "drop"}}]}
+    assert fw.chain_policy(forward) == "drop"
+    only_in = {"nftables": [_docker_rule(("iifname", "lan0"))]}
+    both = {"nftables": [_docker_rule(("iifname", "lan0")), _docker_rule(("oifname", "lan0"))]}
+    assert not fw.forward_allowed((only_in, forward), "lan0"), "replies back to the lan would still be dropped"
+    assert fw.forward_allowed((both, forward), "lan0")
+    assert not fw.forward_allowed((both, forward), "lan1")
+    docker_own = {"nftables": [_docker_rule(("iifname", "docker0")), _docker_rule(("oifname", "docker0"))]}
+    assert fw.forward_allowed(({"nftables": []}, docker_own), "docker0"), "Docker's FORWARD rules count too"
+    assert fw.docker_user_fix("lan0").startswith("iptables -I DOCKER-USER -i lan0 -j ACCEPT && ")

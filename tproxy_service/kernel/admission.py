@@ -5,6 +5,7 @@ adapter's worker thread): the rule lives in their runtime rulesets, never in the
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from ..errors import KernelError
 from ..rules import admission as rules
@@ -31,9 +32,35 @@ class FirewallAdmission:
         except KernelError:
             return None
 
-    async def admit(self, mark: int | None) -> str | None:
-        """Make every host firewall's input chain admit packets carrying `mark` (None: take our
-        rules out). Returns why one cannot, or None (also when there is no firewall)."""
+    async def admit(self, mark: int, lan_links: frozenset[str]) -> str | None:
+        """While lan links are proxied, make every host firewall's input chain admit packets
+        carrying `mark` (no lan links: take our rules out). Returns why one cannot, or why
+        Docker's FORWARD policy drops what the lan links send direct; None if all is well."""
+        problems = [
+            await self._input(mark if lan_links else None),
+            *(_bridge_netfilter(link) for link in sorted(lan_links)),
+            await self._docker_forward(lan_links),
+        ]
+        return "; ".join(p for p in problems if p) or None
+
+    async def _docker_forward(self, lan_links: frozenset[str]) -> str | None:
+        if not lan_links:
+            return None
+        docker_user = await self._chain(rules.DOCKER_USER)
+        if docker_user is None:  # no Docker
+            return None
+        forward = await self._chain(rules.DOCKER_FORWARD)
+        if forward is None or rules.chain_policy(forward) != "drop":
+            return None
+        blocked = sorted(link for link in lan_links if not rules.forward_allowed((docker_user, forward), link))
+        if not blocked:
+            return None
+        return (
+            f"Docker's FORWARD policy DROP drops what {', '.join(blocked)} sends direct (bypassed destinations); "
+            f"allow it: {' && '.join(rules.docker_user_fix(link) for link in blocked)}"
+        )
+
+    async def _input(self, mark: int | None) -> str | None:
         problem = None
         for c in rules.INPUT_CHAINS:
             listing = await self._chain(c)
@@ -63,3 +90,24 @@ class FirewallAdmission:
                 )
             self._admitted[c] = mark
         return problem
+
+
+def _bridge_netfilter(link: str) -> str | None:
+    """br_netfilter (Docker turns it on) runs the inet hooks on a bridge's packets in the bridge
+    layer; when the bridge then hands one up to IP, the kernel drops the socket tproxy assigned
+    (ip_rcv orphans it) and skips the hooks, so nothing diverted on a bridge reaches the core."""
+    if not Path("/sys/class/net", link, "bridge").is_dir():
+        return None
+    calls = []
+    for family in ("iptables", "ip6tables"):
+        try:
+            if Path(f"/proc/sys/net/bridge/bridge-nf-call-{family}").read_text().strip() == "1":
+                calls.append(f"net.bridge.bridge-nf-call-{family}")
+        except OSError:  # no br_netfilter
+            pass
+    if not calls:
+        return None
+    return (
+        f"{link} is a bridge and {' and '.join(calls)} = 1 (br_netfilter, which Docker enables), so the kernel "
+        f"loses what tproxy diverts on it; turn that off: sysctl -w {' '.join(f'{c}=0' for c in calls)}"
+    )

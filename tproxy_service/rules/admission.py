@@ -72,3 +72,35 @@ def build_sync(c: InputChain, listing: Json, mark: int | None) -> Json | None:
         expr = [_mark_match(mark), {"counter": None}, {"accept": None}]
         commands.append({"insert": {"rule": {**_ref(c), "comment": COMMENT, "expr": expr}}})
     return {"nftables": [_META, *commands]} if commands else None
+
+
+# --- Docker's FORWARD policy (read only: tproxyd never changes Docker's chains) ------------------
+
+DOCKER_FORWARD = InputChain("Docker", "ip", "filter", "FORWARD")
+DOCKER_USER = InputChain("Docker", "ip", "filter", "DOCKER-USER")
+
+
+def chain_policy(listing: Json) -> str | None:
+    chains = (item.get("chain") for item in listing.get("nftables", []))
+    return next((c.get("policy") for c in chains if c), None)
+
+
+def _accepts_on(listing: Json, key: str, ifname: str) -> bool:
+    match = {"match": {"op": "==", "left": {"meta": {"key": key}}, "right": ifname}}
+    rules = (item.get("rule") for item in listing.get("nftables", []))
+    return any(r and match in r.get("expr", []) and r["expr"][-1] == {"accept": None} for r in rules)
+
+
+def forward_allowed(chains: tuple[Json, ...], ifname: str) -> bool:
+    """The listed chains (DOCKER-USER, FORWARD) accept what `ifname` sends and what comes back
+    to it (Docker's own rules do that for its bridges)."""
+    return any(_accepts_on(c, "iifname", ifname) for c in chains) and any(
+        _accepts_on(c, "oifname", ifname) for c in chains
+    )
+
+
+def docker_user_fix(ifname: str) -> str:
+    return (
+        f"iptables -I DOCKER-USER -i {ifname} -j ACCEPT && "
+        f"iptables -I DOCKER-USER -o {ifname} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+    )
