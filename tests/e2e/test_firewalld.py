@@ -65,6 +65,20 @@ def test_lan_and_host_mode_proxy_through_firewalld(lab: h.Lab, running: Firewall
     _all_proxied(lab)
 
 
+@pytest.mark.parametrize("zone", ["block", "drop"])
+def test_a_zone_change_of_the_links_keeps_them_proxied(
+    lab: h.Lab, running: Firewalld, start_tproxyd: StartDaemon, zone: str
+) -> None:
+    start_tproxyd()
+    for link in (h.LAN_LINK, h.UP_LINK):  # what NetworkManager does for connection.zone
+        running.cmd(f"--zone={zone}", f"--change-interface={link}")
+    try:
+        _all_proxied(lab)
+    finally:
+        for link in (h.LAN_LINK, h.UP_LINK):
+            running.cmd(f"--zone={zone}", f"--remove-interface={link}")
+
+
 def test_zone_still_rejects_gateway_ports_it_does_not_open(
     lab: h.Lab, running: Firewalld, start_tproxyd: StartDaemon
 ) -> None:
