@@ -36,6 +36,7 @@ class CoreStack:
     bus: ih.PrivateBus
     manager: UserManager
     daemons: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    outbound: dict[str, object] | None = None  # the user config's outbound (default: freedom)
 
     @property
     def access(self) -> h.AccessLog:
@@ -52,7 +53,7 @@ class CoreStack:
     def write_user_config(
         self, loglevel: str = "info", mark: int | None = None, dns: dict[str, object] | None = None
     ) -> None:
-        outbound: dict[str, object] = {"tag": "direct", "protocol": "freedom", "settings": {}}
+        outbound: dict[str, object] = self.outbound or {"tag": "direct", "protocol": "freedom", "settings": {}}
         if mark is not None:
             outbound["streamSettings"] = {"sockopt": {"mark": mark}}
         config: dict[str, object] = {
@@ -350,3 +351,52 @@ def test_core_dns_warnings_reach_the_log_the_bus_and_tproxyctl_status(lab: h.Lab
             [str(ih.TPROXYCTL), "status"], env={**os.environ, **core_stack.bus.env()}, capture_output=True, text=True
         ).stdout
     )
+
+
+VMESS_PORT = 10086
+VMESS_ID = "6e0f7d3c-1c2b-4d8e-9a41-5b7f0c2d9e11"
+# The VMess server's own address toward the server: what the server sees of a chained flow.
+VMESS_EGRESS = h.Addr("198.51.100.1", "2001:db8:2::1")
+
+
+@pytest.fixture
+def vmess_server(lab: h.Lab, tmp_path: Path) -> Iterator[None]:
+    """A real v2ray VMess server on the router (the upstream namespace), dual-stack."""
+    config = {
+        "log": {"loglevel": "warning"},
+        "inbounds": [
+            {"listen": "::", "port": VMESS_PORT, "protocol": "vmess",
+             "settings": {"clients": [{"id": VMESS_ID, "alterId": 0}]}}
+        ],
+        "outbounds": [{"protocol": "freedom", "settings": {}}],
+    }  # fmt: skip
+    path = tmp_path / "vmess-server.json"
+    path.write_text(json.dumps(config))
+    proc = h.spawn(h.UP, [h.V2RAY, "-config", str(path)], tmp_path / "vmess-server.log")
+    try:
+        h.wait_listening(h.UP, {("tcp", f"*:{VMESS_PORT}")}, "the VMess server")
+        yield
+    finally:
+        h.stop_process(proc)
+
+
+def test_vmess_chain_through_a_v2ray_server_upstream(lab: h.Lab, core_stack: CoreStack, vmess_server: None) -> None:
+    """A real proxy chain: the user's [core] config is a VMess client of the router's v2ray; the
+    core runs under tproxyd's own supervision, and the server sees the VMess server's address."""
+    core_stack.outbound = {
+        "tag": "proxy",
+        "protocol": "vmess",
+        "settings": {
+            "vnext": [{"address": h.ROUTER.v4, "port": VMESS_PORT, "users": [{"id": VMESS_ID, "alterId": 0}]}]
+        },
+    }
+    core_stack.start("open")
+    assert core_stack.call("EnableLink", "ss", [h.LAN_LINK, "lan"]).error is None
+    core_stack.wait_state("active")
+    proofs = h.Proofs(core_stack.access, lab.leaks)
+    with lab.leaks.no_client_packets():
+        for proto, family in KINDS:
+            flow = h.send(proto, h.CLI, h.CLIENT.of(family), h.SERVER.of(family))
+            proofs.proxied(flow, expected_peer=VMESS_EGRESS.of(family))
+            line = core_stack.access.line_for(flow)
+            assert line is not None and line.endswith("[proxy]"), f"not through the VMess outbound: {line}"
