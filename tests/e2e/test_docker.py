@@ -5,7 +5,6 @@ reported with the DOCKER-USER rules that fix it."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,18 +13,16 @@ import pytest
 from . import harness as h
 from .conftest import StartDaemon
 from .docker import Dockerd, missing
+from .neighbours import all_proxied, iptables_save
 
 pytestmark = pytest.mark.root
 
-FLOWS = [(proto, family) for proto in ("tcp", "udp") for family in (4, 6)]
 CTR = "tpe-ctr"  # the container's network namespace, attached by name for the test clients
 CONTAINER = h.Addr("172.17.0.2", "")  # Docker's default bridge: IPv4 only
-_COUNTERS = re.compile(r"\[\d+:\d+\]")
 
 
-def iptables_save() -> str:
-    out = h.in_ns(h.GW, "iptables-save").stdout + h.in_ns(h.GW, "ip6tables-save").stdout
-    return "\n".join(_COUNTERS.sub("", line) for line in out.splitlines() if not line.startswith("#"))
+def docker_rules() -> str:
+    return iptables_save(h.in_ns(h.GW, "iptables-save").stdout + h.in_ns(h.GW, "ip6tables-save").stdout)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +32,7 @@ def docker(lab: h.Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doc
     tables_before = set(h.nft_tables(h.GW))
     # As on a real machine: Docker owns `ip nat`, and it finds forwarding off, so it enables it
     # and sets the FORWARD policy to DROP.
-    h.in_ns(h.GW, "nft", "delete", "table", "ip", "nat")
+    h.in_ns(h.GW, "nft", "delete", "table", "ip", "nat", check=False)
     h.in_ns(h.GW, "sysctl", "-qw", "net.ipv4.ip_forward=0")
     dockerd = Dockerd(tmp_path_factory.mktemp("docker"), h.GW)
     try:
@@ -54,30 +51,22 @@ def docker(lab: h.Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Doc
 
 @pytest.fixture(autouse=True)
 def foreign_tables_untouched(docker: Dockerd) -> Iterator[None]:
-    """Here Docker owns `ip nat` (see iptables_save); the admin's `inet filter` stays as it was."""
+    """Here Docker owns `ip nat` (see docker_rules); the admin's `inet filter` stays as it was."""
     before = h.foreign_listing(h.GW)["inet filter"]
     yield
     assert h.foreign_listing(h.GW)["inet filter"] == before
 
 
-def _all_proxied(lab: h.Lab) -> None:
-    for proto, family in FLOWS:
-        lan = h.send(proto, h.CLI, h.CLIENT.of(family), h.SERVER.of(family))
-        lab.proofs.proxied(lan, expected_peer=h.GW_UP.of(family))
-        own = h.send(proto, h.GW, h.GW_UP.of(family), h.SERVER.of(family))
-        lab.proofs.proxied(own, expected_peer=h.GW_UP.of(family))
-
-
 def test_lan_and_host_mode_leave_dockers_rules_identical(
     lab: h.Lab, docker: Dockerd, start_tproxyd: StartDaemon
 ) -> None:
-    before = iptables_save()
+    before = docker_rules()
     assert ":FORWARD DROP" in before and "DOCKER-USER" in before, before
     daemon = start_tproxyd()
-    _all_proxied(lab)
-    assert iptables_save() == before, "tproxyd changed Docker's rules"
+    all_proxied(lab)
+    assert docker_rules() == before, "tproxyd changed Docker's rules"
     assert daemon.terminate() == 0
-    assert iptables_save() == before
+    assert docker_rules() == before
 
 
 def test_container_traffic_on_docker0_as_a_lan_link_is_proxied(

@@ -15,10 +15,10 @@ from tests import support
 from . import harness as h
 from .conftest import StartDaemon
 from .firewalld import Firewalld, missing
+from .neighbours import all_proxied
 
 pytestmark = pytest.mark.root
 
-FLOWS = [(proto, family) for proto in ("tcp", "udp") for family in (4, 6)]
 GATEWAY_PORT = 8097  # a service on the gateway itself that zone public does not open
 
 
@@ -52,17 +52,9 @@ def _admission(ns: str = h.GW) -> bool:
     return "tproxyd: admit diverted packets" in chain
 
 
-def _all_proxied(lab: h.Lab) -> None:
-    for proto, family in FLOWS:
-        lan = h.send(proto, h.CLI, h.CLIENT.of(family), h.SERVER.of(family))
-        lab.proofs.proxied(lan, expected_peer=h.GW_UP.of(family))
-        own = h.send(proto, h.GW, h.GW_UP.of(family), h.SERVER.of(family))
-        lab.proofs.proxied(own, expected_peer=h.GW_UP.of(family))
-
-
 def test_lan_and_host_mode_proxy_through_firewalld(lab: h.Lab, running: Firewalld, start_tproxyd: StartDaemon) -> None:
     start_tproxyd()  # ready: firewalld admits diverted packets from then on
-    _all_proxied(lab)
+    all_proxied(lab)
 
 
 @pytest.mark.parametrize("zone", ["block", "drop"])
@@ -73,7 +65,7 @@ def test_a_zone_change_of_the_links_keeps_them_proxied(
     for link in (h.LAN_LINK, h.UP_LINK):  # what NetworkManager does for connection.zone
         running.cmd(f"--zone={zone}", f"--change-interface={link}")
     try:
-        _all_proxied(lab)
+        all_proxied(lab)
     finally:
         for link in (h.LAN_LINK, h.UP_LINK):
             running.cmd(f"--zone={zone}", f"--remove-interface={link}")
@@ -106,14 +98,14 @@ def test_follows_reload_restart_and_a_late_start(lab: h.Lab, running: Firewalld,
     daemon = start_tproxyd()  # firewalld not running: nothing to admit
     running.start()  # firewalld after tproxyd
     h.wait_until(_admission, 15, "tproxyd's rule after firewalld started")
-    _all_proxied(lab)
+    all_proxied(lab)
     running.cmd("--reload")  # rebuilds firewalld's table, without our rule
     h.wait_until(_admission, 15, "tproxyd's rule after firewall-cmd --reload")
-    _all_proxied(lab)
+    all_proxied(lab)
     running.stop()
     running.start()
     h.wait_until(_admission, 15, "tproxyd's rule after a firewalld restart")
-    _all_proxied(lab)
+    all_proxied(lab)
     assert daemon.running
 
 
@@ -160,3 +152,4 @@ def test_iptables_backend_is_reported_with_the_command_that_fixes_it(
         for family in ("ip", "ip6"):  # the iptables-nft tables it left behind
             for table in ("filter", "nat", "mangle", "raw", "security"):
                 h.in_ns(h.GW, "nft", "delete", "table", family, table, check=False)
+        h.install_foreign_tables(h.GW)

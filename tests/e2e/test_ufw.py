@@ -11,11 +11,11 @@ import pytest
 
 from . import harness as h
 from .conftest import StartDaemon
+from .neighbours import all_proxied
 from .ufw import Ufw, missing
 
 pytestmark = pytest.mark.root
 
-FLOWS = [(proto, family) for proto in ("tcp", "udp") for family in (4, 6)]
 GATEWAY_PORT = 8098  # a service on the gateway itself that ufw does not allow
 OUR_RULE = '-m comment --comment "tproxyd: admit diverted packets" -j ACCEPT'
 
@@ -31,7 +31,8 @@ def ufw(lab: h.Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ufw]:
         yield fw
     finally:
         fw.in_sandbox("ufw", "disable", check=False)
-        for table in set(h.nft_tables(h.GW)) - tables_before:  # the iptables-nft tables ufw made
+        foreign = {f"{family} {name}" for family, name in h.FOREIGN}
+        for table in set(h.nft_tables(h.GW)) - tables_before - foreign:  # the iptables-nft tables ufw made
             h.in_ns(h.GW, "nft", "delete", "table", *table.split(), check=False)
 
 
@@ -40,17 +41,9 @@ def _admitted() -> bool:
     return out.count(OUR_RULE) == 2  # ufw-before-input and ufw6-before-input
 
 
-def _all_proxied(lab: h.Lab) -> None:
-    for proto, family in FLOWS:
-        lan = h.send(proto, h.CLI, h.CLIENT.of(family), h.SERVER.of(family))
-        lab.proofs.proxied(lan, expected_peer=h.GW_UP.of(family))
-        own = h.send(proto, h.GW, h.GW_UP.of(family), h.SERVER.of(family))
-        lab.proofs.proxied(own, expected_peer=h.GW_UP.of(family))
-
-
 def test_lan_and_host_mode_proxy_through_ufw(lab: h.Lab, ufw: Ufw, start_tproxyd: StartDaemon) -> None:
     start_tproxyd()  # ready: ufw admits diverted packets from then on
-    _all_proxied(lab)
+    all_proxied(lab)
 
 
 def test_ufw_still_drops_gateway_ports_it_does_not_allow(lab: h.Lab, ufw: Ufw, start_tproxyd: StartDaemon) -> None:
@@ -76,11 +69,11 @@ def test_follows_ufw_reload_and_re_enable(lab: h.Lab, ufw: Ufw, start_tproxyd: S
     h.wait_until(_admitted, 10, "tproxyd's rule in ufw's input chains")
     ufw.cmd("reload")  # rebuilds ufw's chains without our rule
     h.wait_until(_admitted, 15, "tproxyd's rule after ufw reload")
-    _all_proxied(lab)
+    all_proxied(lab)
     ufw.cmd("disable")
     ufw.cmd("--force", "enable")
     h.wait_until(_admitted, 15, "tproxyd's rule after ufw disable and enable")
-    _all_proxied(lab)
+    all_proxied(lab)
     assert daemon.running
 
 

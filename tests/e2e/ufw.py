@@ -4,16 +4,16 @@ state there) and a tmpfs covers /run (its lock), so the host's files are never t
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 from pathlib import Path
 
 from tests.support import run
 
+from .neighbours import iptables_save
+
 STOCK_CONFIG = Path("/etc/ufw")
 _LAUNCH = 'mount -n --bind "$0" /etc/ufw && mount -n -t tmpfs tpe-ufw /run && exec "$@"'
-_COUNTERS = re.compile(r"\[\d+:\d+\]")
 
 
 def missing() -> str | None:
@@ -39,5 +39,4 @@ class Ufw:
 
     def iptables_save(self) -> str:
         """Both families' iptables-save, without packet counters and the timestamp comments."""
-        out = self.in_sandbox("iptables-save").stdout + self.in_sandbox("ip6tables-save").stdout
-        return "\n".join(_COUNTERS.sub("", line) for line in out.splitlines() if not line.startswith("#"))
+        return iptables_save(self.in_sandbox("iptables-save").stdout + self.in_sandbox("ip6tables-save").stdout)
