@@ -40,7 +40,8 @@ class RoutingPort(Protocol):
 
 
 class FirewallPort(Protocol):
-    """A host firewall that must be told to let diverted packets in (kernel/firewalld.py)."""
+    """Host firewalls that must let diverted packets in (kernel/admission.py); returns what
+    cannot work and the command that fixes it."""
 
     async def admit(self, mark: int, lan_links: frozenset[str]) -> str | None: ...
 
@@ -281,7 +282,7 @@ class Engine:
 
     async def _admit(self, nft: NftState | None) -> str:
         """Let the host firewalls admit what lan links divert (host links re-enter via lo, which
-        firewalls accept). Returns the first reason one cannot, for LastError."""
+        firewalls accept). Returns the first problem one reports, for LastError."""
         mark = self._config.tproxy.mark if nft is None else nft.settings.mark
         lan_links = frozenset() if nft is None else frozenset(nft.lan_links)
         problems = [p for p in [await fw.admit(mark, lan_links) for fw in self._firewalls] if p]

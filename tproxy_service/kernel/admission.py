@@ -13,10 +13,6 @@ from .nft import NftablesAdapter
 
 log = logging.getLogger(__name__)
 
-# firewalld's iptables backend (FirewallBackend=iptables) builds this chain instead of its table.
-_FIREWALLD_IPTABLES = rules.InputChain("firewalld", "ip", "filter", "INPUT_ZONES")
-_FIREWALLD_CONF = "/etc/firewalld/firewalld.conf"
-
 
 class FirewallAdmission:
     def __init__(self, nft: NftablesAdapter) -> None:
@@ -55,22 +51,19 @@ class FirewallAdmission:
         blocked = sorted(link for link in lan_links if not rules.forward_allowed((docker_user, forward), link))
         if not blocked:
             return None
-        return (
-            f"Docker's FORWARD policy DROP drops what {', '.join(blocked)} sends direct (bypassed destinations); "
-            f"allow it: {' && '.join(rules.docker_user_fix(link) for link in blocked)}"
-        )
+        return rules.docker_forward_problem(blocked)
 
     async def _input(self, mark: int | None) -> str | None:
         problem = None
         for c in rules.INPUT_CHAINS:
             listing = await self._chain(c)
             if listing is None:
-                if c is rules.FIREWALLD and mark is not None and await self._chain(_FIREWALLD_IPTABLES) is not None:
-                    problem = (
-                        "firewalld runs its iptables backend, whose input chain rejects diverted lan traffic; "
-                        f"switch it to nftables: sed -i 's/^FirewallBackend=.*/FirewallBackend=nftables/' "
-                        f"{_FIREWALLD_CONF} && systemctl restart firewalld"
-                    )
+                if (
+                    c is rules.FIREWALLD
+                    and mark is not None
+                    and await self._chain(rules.FIREWALLD_IPTABLES) is not None
+                ):
+                    problem = rules.FIREWALLD_IPTABLES_PROBLEM
                 self._admitted.pop(c, None)
                 continue
             batch = rules.build_sync(c, listing, mark)
@@ -93,21 +86,14 @@ class FirewallAdmission:
 
 
 def _bridge_netfilter(link: str) -> str | None:
-    """br_netfilter (Docker turns it on) runs the inet hooks on a bridge's packets in the bridge
-    layer; when the bridge then hands one up to IP, the kernel drops the socket tproxy assigned
-    (ip_rcv orphans it) and skips the hooks, so nothing diverted on a bridge reaches the core."""
+    """A problem when `link` is a bridge whose packets br_netfilter hands to the inet hooks."""
     if not Path("/sys/class/net", link, "bridge").is_dir():
         return None
-    calls = []
+    sysctls = []
     for family in ("iptables", "ip6tables"):
         try:
             if Path(f"/proc/sys/net/bridge/bridge-nf-call-{family}").read_text().strip() == "1":
-                calls.append(f"net.bridge.bridge-nf-call-{family}")
+                sysctls.append(f"net.bridge.bridge-nf-call-{family}")
         except OSError:  # no br_netfilter
             pass
-    if not calls:
-        return None
-    return (
-        f"{link} is a bridge and {' and '.join(calls)} = 1 (br_netfilter, which Docker enables), so the kernel "
-        f"loses what tproxy diverts on it; turn that off: sysctl -w {' '.join(f'{c}=0' for c in calls)}"
-    )
+    return rules.bridge_netfilter_problem(link, sysctls) if sysctls else None

@@ -104,3 +104,31 @@ def docker_user_fix(ifname: str) -> str:
         f"iptables -I DOCKER-USER -i {ifname} -j ACCEPT && "
         f"iptables -I DOCKER-USER -o {ifname} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
     )
+
+
+# --- what cannot work, and the one command that fixes it -----------------------------------------
+
+# firewalld's iptables backend (FirewallBackend=iptables) builds this chain instead of its table.
+FIREWALLD_IPTABLES = InputChain("firewalld", "ip", "filter", "INPUT_ZONES")
+FIREWALLD_IPTABLES_PROBLEM = (
+    "firewalld runs its iptables backend, whose input chain rejects diverted lan traffic; switch it to "
+    "nftables: sed -i 's/^FirewallBackend=.*/FirewallBackend=nftables/' /etc/firewalld/firewalld.conf "
+    "&& systemctl restart firewalld"
+)
+
+
+def docker_forward_problem(blocked: list[str]) -> str:
+    return (
+        f"Docker's FORWARD policy DROP drops what {', '.join(blocked)} sends direct (bypassed destinations); "
+        f"allow it: {' && '.join(docker_user_fix(link) for link in blocked)}"
+    )
+
+
+def bridge_netfilter_problem(link: str, sysctls: list[str]) -> str:
+    """br_netfilter (Docker turns it on) runs the inet hooks on a bridge's packets in the bridge
+    layer; when the bridge then hands one up to IP, the kernel drops the socket tproxy assigned
+    (ip_rcv orphans it) and skips the hooks, so nothing diverted on a bridge reaches the core."""
+    return (
+        f"{link} is a bridge and {' and '.join(sysctls)} = 1 (br_netfilter, which Docker enables), so the kernel "
+        f"loses what tproxy diverts on it; turn that off: sysctl -w {' '.join(f'{c}=0' for c in sysctls)}"
+    )
