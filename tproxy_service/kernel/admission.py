@@ -17,9 +17,9 @@ log = logging.getLogger(__name__)
 class FirewallAdmission:
     def __init__(self, nft: NftablesAdapter) -> None:
         self._nft = nft
-        self._admitted: dict[rules.InputChain, int | None] = {}
+        self._admitted: dict[rules.FirewallChain, int | None] = {}
 
-    async def _chain(self, c: rules.InputChain) -> dict[str, object] | None:
+    async def _chain(self, c: rules.FirewallChain) -> dict[str, object] | None:
         """The chain's listing (with handles), or None when there is no such chain."""
         if not await self._nft.table_exists(c.table, c.family):
             return None

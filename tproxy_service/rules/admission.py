@@ -24,26 +24,26 @@ Json = dict[str, Any]
 
 
 @dataclass(frozen=True)
-class InputChain:
+class FirewallChain:
     owner: str  # who builds the chain, for messages
     family: str
     table: str
     chain: str
 
 
-FIREWALLD = InputChain("firewalld", "inet", "firewalld", "filter_INPUT")
-UFW4 = InputChain("ufw", "ip", "filter", "ufw-before-input")
-UFW6 = InputChain("ufw", "ip6", "filter", "ufw6-before-input")
+FIREWALLD = FirewallChain("firewalld", "inet", "firewalld", "filter_INPUT")
+UFW4 = FirewallChain("ufw", "ip", "filter", "ufw-before-input")
+UFW6 = FirewallChain("ufw", "ip6", "filter", "ufw6-before-input")
 INPUT_CHAINS = (FIREWALLD, UFW4, UFW6)
 
 _META: Json = {"metainfo": {"json_schema_version": 1}}
 
 
-def _ref(c: InputChain) -> Json:
+def _ref(c: FirewallChain) -> Json:
     return {"family": c.family, "table": c.table, "chain": c.chain}
 
 
-def build_list(c: InputChain) -> Json:
+def build_list(c: FirewallChain) -> Json:
     return {"nftables": [{"list": {"chain": {"family": c.family, "table": c.table, "name": c.chain}}}]}
 
 
@@ -62,7 +62,7 @@ def our_rules(listing: Json) -> list[Json]:
     return [rule for rule in rules if rule and rule.get("comment") == COMMENT]
 
 
-def build_sync(c: InputChain, listing: Json, mark: int | None) -> Json | None:
+def build_sync(c: FirewallChain, listing: Json, mark: int | None) -> Json | None:
     """The batch turning the listed chain into one that admits `mark` (None: admits nothing of
     ours), or None when it already does. Our rule goes first: before the firewall's drops."""
     ours = our_rules(listing)
@@ -76,8 +76,8 @@ def build_sync(c: InputChain, listing: Json, mark: int | None) -> Json | None:
 
 # --- Docker's FORWARD policy (read only: tproxyd never changes Docker's chains) ------------------
 
-DOCKER_FORWARD = InputChain("Docker", "ip", "filter", "FORWARD")
-DOCKER_USER = InputChain("Docker", "ip", "filter", "DOCKER-USER")
+DOCKER_FORWARD = FirewallChain("Docker", "ip", "filter", "FORWARD")
+DOCKER_USER = FirewallChain("Docker", "ip", "filter", "DOCKER-USER")
 
 
 def chain_policy(listing: Json) -> str | None:
@@ -109,7 +109,7 @@ def docker_user_fix(ifname: str) -> str:
 # --- what cannot work, and the one command that fixes it -----------------------------------------
 
 # firewalld's iptables backend (FirewallBackend=iptables) builds this chain instead of its table.
-FIREWALLD_IPTABLES = InputChain("firewalld", "ip", "filter", "INPUT_ZONES")
+FIREWALLD_IPTABLES = FirewallChain("firewalld", "ip", "filter", "INPUT_ZONES")
 FIREWALLD_IPTABLES_PROBLEM = (
     "firewalld runs its iptables backend, whose input chain rejects diverted lan traffic; switch it to "
     "nftables: sed -i 's/^FirewallBackend=.*/FirewallBackend=nftables/' /etc/firewalld/firewalld.conf "
