@@ -4,7 +4,9 @@ their interplay), pyroute2 policy routing, the nf_tables drift watch, the facts 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import socket
 import time
 
 import pytest
@@ -15,11 +17,12 @@ from tproxy_service.kernel.facts import FactsReader
 from tproxy_service.kernel.nft import NftablesAdapter
 from tproxy_service.kernel.nft_netlink import SetElementWriter, table_exists
 from tproxy_service.kernel.routing import RoutingAdapter
-from tproxy_service.model import RouteSpec, RuleSpec, TproxySettings
+from tproxy_service.model import AddressSet, RouteSpec, RuleSpec, TproxySettings
 from tproxy_service.monitors.nft_events import NftDriftWatch
 from tproxy_service.rules.nft import IfnameChange, IntervalChange
 from tproxy_service.rules.routing import build_routing
 
+from ..support import wait_until
 from ..unit.scenarios import SCENARIOS
 from .netns import run_in_netns, sh
 
@@ -214,5 +217,52 @@ def test_standby_table_loads_empty_and_takes_a_link_as_an_element() -> None:
             adapter.close()
 
         asyncio.run(scenario())
+
+
+HOSTILE_NAMES = frozenset({"*", "@x", "eth*", "tcp", "\\", '"', "é" * 7 + "z"})  # the last: 15 bytes
+
+
+def _udp_packets_arriving(link: str) -> int:
+    listed = sh("nft -j list chain inet tpk_probe prerouting")
+    rules = [item["rule"] for item in json.loads(listed)["nftables"] if "rule" in item]
+    counters = [e["counter"]["packets"] for r in rules for e in r["expr"] if "counter" in e]
+    assert len(counters) == 1, listed
+    return int(counters[0])
+
+
+def test_replace_takes_interface_names_literally() -> None:
+    """'*' must not become the catch-all element, '@x' a set reference, 'eth*' a wildcard: after
+    a fresh replace and a replace of the existing table, the link sets hold exactly these names,
+    and a packet arriving on (and leaving by) another link is neither diverted nor dropped."""
+
+    def body() -> None:
+        sh("ip link add tpk-a type veth peer name tpk-b && ip link set tpk-a up && ip link set tpk-b up")
+        sh("ip addr add 198.51.100.1/30 dev tpk-a && ip route add 192.0.2.0/24 dev tpk-a")
+        mac = json.loads(sh("ip -j link show tpk-b"))[0]["address"]
+        sh(f"ip neigh add 192.0.2.7 lladdr {mac} dev tpk-a nud permanent")  # no one answers ARP for it
+        sh("sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.tpk-b.rp_filter=0")
+        # Counts what reaches tpk-b's prerouting after ours (priority 0 comes after -150).
+        sh(
+            "nft add table inet tpk_probe && nft add chain inet tpk_probe prerouting "
+            "'{ type filter hook prerouting priority 0; }' && "
+            "nft add rule inet tpk_probe prerouting iifname tpk-b udp dport 9 counter"
+        )
+        state = dataclasses.replace(
+            SCENARIOS["closed_policy"],  # what the core does not take is dropped: a catch-all would show
+            bypass=AddressSet(),
+            local=AddressSet(),
+            lan_links=HOSTILE_NAMES,
+            host_links=HOSTILE_NAMES,
+        )
+        adapter = NftablesAdapter()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            for attempt in range(1, 3):  # a fresh table, then the existing one replaced
+                asyncio.run(adapter.replace(state))
+                for set_name in ("lan_links", "host_links"):
+                    assert sorted(map(str, _elements(set_name))) == sorted(HOSTILE_NAMES), sh("nft list ruleset")
+                udp.sendto(b"probe", ("192.0.2.7", 9))
+                wait_until(lambda n=attempt: _udp_packets_arriving("tpk-b") == n, 5, "the probe to arrive direct")
+        assert "packets 0 " in sh("nft list chain inet tproxyd proxy"), "nothing was diverted and dropped"
+        adapter.close()
 
     run_in_netns(body)

@@ -3,6 +3,7 @@ own JSON schema validation (the `nftables` module's json_validate)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -129,3 +130,63 @@ def test_schema_validation_rejects_a_malformed_document() -> None:
     jsonschema = pytest.importorskip("jsonschema")
     with pytest.raises(jsonschema.ValidationError):
         nftables.Nftables().json_validate({"nftables": "add table inet tproxyd"})
+
+
+HOSTILE_NAMES = frozenset({"*", "@x", "eth*", "tcp", "\\", '"', "é" * 7 + "z"})
+
+
+def test_interface_names_never_reach_libnftables() -> None:
+    """libnftables reads JSON strings as expressions ('@x' a set reference, '*' the catch-all):
+    the replace creates the link sets empty, and link_elements fills them over netlink."""
+    state = dataclasses.replace(SCENARIOS["default"], lan_links=HOSTILE_NAMES, host_links=frozenset({"tcp", "eth0"}))
+    for existing in (None, rules.TableObjects()):
+        built = rules.build_replace(state, existing=existing)
+        leaked = _strings(built) & (HOSTILE_NAMES - {"tcp"} | {"eth0"})  # "tcp" is in rules as a protocol
+        assert not leaked, leaked
+        link_sets = [
+            c["add"]["set"] for c in built["nftables"] if c.get("add", {}).get("set", {}).get("type") == "ifname"
+        ]
+        assert [s["name"] for s in link_sets] == ["lan_links", "host_links"] and not any("elem" in s for s in link_sets)
+    fill = rules.link_elements(state)
+    assert fill == [
+        rules.IfnameChange("lan_links", tuple(sorted(HOSTILE_NAMES)), (), flush=True),
+        rules.IfnameChange("host_links", ("eth0", "tcp"), (), flush=True),
+    ]
+
+
+def _strings(value: object) -> set[str]:
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, dict):
+        return set().union(*(_strings(v) for v in value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*(_strings(v) for v in value)) if value else set()
+    return set()
+
+
+def test_replace_of_an_existing_table_keeps_only_the_link_sets() -> None:
+    """In one transaction: every rule, every chain and every other set goes (whatever drift added),
+    the link sets stay with their elements (a proxied link is never unproxied meanwhile)."""
+    existing = rules.TableObjects(
+        chains=frozenset({"prerouting", "proxy", "stray"}),
+        sets=frozenset({"lan_links", "host_links", "bypass4", "junk"}),
+        ifname_sets=frozenset({"lan_links"}),  # host_links was recreated with another type: it goes
+    )
+    commands = rules.build_replace(SCENARIOS["default"], existing=existing)["nftables"]
+    head = [json.dumps(c, sort_keys=True) for c in commands[1:10]]
+    table = '{"family": "inet", "name": "tproxyd"}'
+    assert head[:2] == [f'{{"add": {{"table": {table}}}}}', f'{{"flush": {{"table": {table}}}}}']
+    deleted = [(k, b["name"]) for c in commands if "delete" in c for k, b in c["delete"].items()]
+    assert deleted == [
+        ("chain", "prerouting"),
+        ("chain", "proxy"),
+        ("chain", "stray"),
+        ("set", "bypass4"),
+        ("set", "host_links"),
+        ("set", "junk"),
+    ]
+    added_sets = {c["add"]["set"]["name"] for c in commands if "set" in c.get("add", {})}
+    assert {"lan_links", "host_links", "bypass4", "bypass6", "local4", "local6"} == added_sets
+    nftables = pytest.importorskip("nftables", reason="Debian's python3-nftables is required")
+    pytest.importorskip("jsonschema", reason="python3-jsonschema is required for schema validation")
+    assert nftables.Nftables().json_validate({"nftables": commands})

@@ -1,6 +1,7 @@
-"""nftables adapter: full atomic replaces through libnftables JSON, element updates through
-netlink. libnftables is a blocking ctypes library, so every call runs on one dedicated worker
-thread (never on the event loop; one thread also serializes our nf_tables transactions)."""
+"""nftables adapter: full atomic replaces through libnftables JSON (everything but interface
+names), set elements (interface names always) through netlink. libnftables is a blocking ctypes
+library, so every call runs on one dedicated worker thread (never on the event loop; one thread
+also serializes our nf_tables transactions)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any, Protocol
 from ..errors import KernelError
 from ..model import AddressSet, NftState
 from ..rules import nft as rules
-from .nft_netlink import SetElementWriter, table_exists
+from .nft_netlink import SetElementWriter, table_exists, table_objects
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,9 @@ class NftablesAdapter:
                 rules.encode_intervals(6, state.bypass.v6),
             )
             self._bypass_key = state.bypass
-        self._run_json(rules.build_replace(state, self._bypass_elements), "replacing table inet tproxyd")
+        existing = table_objects(rules.TABLE)
+        self._run_json(rules.build_replace(state, self._bypass_elements, existing), "replacing table inet tproxyd")
+        self._elements.apply(rules.link_elements(state))
 
     async def exists(self) -> bool:
         return await self.table_exists(rules.TABLE)

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from ..cidrs import BITS
 from ..errors import KernelError
 from ..model import Interval
-from ..rules.nft import IfnameChange, IntervalChange, SetChange
+from ..rules.nft import IfnameChange, IntervalChange, SetChange, TableObjects
 
 NETLINK_NETFILTER = 12
 NLM_F_REQUEST = 0x1
@@ -95,6 +95,8 @@ def encode_change(change: SetChange, table: str) -> list[tuple[int, bytes]]:
         NFTA_SET_ELEM_LIST_SET, change.set_name.encode() + b"\0"
     )
     out = []
+    if isinstance(change, IfnameChange) and change.flush:  # DELSETELEM without elements: all of them
+        out.append((NFT_MSG_DELSETELEM, head))
     if removed:
         out.append((NFT_MSG_DELSETELEM, head + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, b"".join(removed))))
     if added:
@@ -184,7 +186,21 @@ class SetElementWriter:
 
 NFT_MSG_GETTABLE = 1
 NFT_MSG_NEWTABLE = 0
+NFT_MSG_NEWCHAIN = 3
+NFT_MSG_GETCHAIN = 4
+NFT_MSG_NEWSET = 9
+NFT_MSG_GETSET = 10
 NFTA_TABLE_NAME = 1
+NFTA_CHAIN_TABLE = 1
+NFTA_CHAIN_NAME = 3
+NFTA_SET_TABLE = 1
+NFTA_SET_NAME = 2
+NFTA_SET_FLAGS = 3
+NFTA_SET_KEY_TYPE = 4
+NFT_SET_ANONYMOUS = 0x1
+NFT_DATATYPE_IFNAME = 41  # nftables' TYPE_IFNAME, stored by nft as the set's key type
+NLM_F_DUMP = 0x300
+NLMSG_DONE = 0x3
 
 
 NFPROTO = {"inet": NFPROTO_INET, "ip": 2, "ip6": 10}
@@ -212,3 +228,62 @@ def table_exists(table: str, family: str = "inet") -> bool:
                         raise KernelError(f"querying nftables failed: {os.strerror(-code)}")
                     return found
                 offset += (length + 3) & ~3
+
+
+def _attrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    while start + 4 <= end:
+        length, attr_type = struct.unpack_from("=HH", buf, start)
+        if length < 4:
+            break
+        out.setdefault(attr_type & 0x3FFF, buf[start + 4 : start + length])
+        start += (length + 3) & ~3
+    return out
+
+
+def _dump(sock: socket.socket, get: int, new: int, seq: int) -> list[dict[int, bytes]]:
+    """The attributes of every object (`new` messages) a `get` dump answers with."""
+    sock.send(_message((NFNL_SUBSYS_NFTABLES << 8) | get, NLM_F_REQUEST | NLM_F_DUMP, seq, NFPROTO_INET, 0, b""))
+    objects: list[dict[int, bytes]] = []
+    while True:
+        buf = sock.recv(1 << 16)
+        offset = 0
+        while offset + _NLMSGHDR.size <= len(buf):
+            length, kind, _flags, got_seq, _pid = _NLMSGHDR.unpack_from(buf, offset)
+            if got_seq == seq:
+                if kind == NLMSG_DONE:
+                    return objects
+                if kind == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", buf, offset + _NLMSGHDR.size)
+                    raise KernelError(f"listing nftables objects failed: {os.strerror(-code)}")
+                if kind == (NFNL_SUBSYS_NFTABLES << 8) | new:
+                    objects.append(_attrs(buf, offset + _NLMSGHDR.size + _NFGENMSG.size, offset + length))
+            offset += (length + 3) & ~3
+
+
+def _text(raw: bytes | None) -> str:
+    return (raw or b"").split(b"\0", 1)[0].decode(errors="replace")
+
+
+def table_objects(table: str) -> TableObjects | None:
+    """The chains and named sets of `table` (names only, however many elements), None without it."""
+    if not table_exists(table):
+        return None
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
+        sock.bind((0, 0))
+        sock.settimeout(2.0)
+        chains = frozenset(
+            _text(a.get(NFTA_CHAIN_NAME))
+            for a in _dump(sock, NFT_MSG_GETCHAIN, NFT_MSG_NEWCHAIN, 1)
+            if _text(a.get(NFTA_CHAIN_TABLE)) == table
+        )
+        sets, ifname_sets = set(), set()
+        for a in _dump(sock, NFT_MSG_GETSET, NFT_MSG_NEWSET, 2):
+            flags = struct.unpack("!I", a[NFTA_SET_FLAGS])[0] if len(a.get(NFTA_SET_FLAGS, b"")) == 4 else 0
+            if _text(a.get(NFTA_SET_TABLE)) != table or flags & NFT_SET_ANONYMOUS:
+                continue  # anonymous sets belong to their rules and go with them
+            name = _text(a.get(NFTA_SET_NAME))
+            sets.add(name)
+            if a.get(NFTA_SET_KEY_TYPE) == struct.pack("!I", NFT_DATATYPE_IFNAME):
+                ifname_sets.add(name)
+    return TableObjects(chains, frozenset(sets), frozenset(ifname_sets))

@@ -26,6 +26,7 @@ FAMILY = "inet"
 TABLE = "tproxyd"
 SET_LAN_LINKS = "lan_links"
 SET_HOST_LINKS = "host_links"
+LINK_SETS = (SET_LAN_LINKS, SET_HOST_LINKS)
 SET_BYPASS4 = "bypass4"
 SET_BYPASS6 = "bypass6"
 SET_LOCAL4 = "local4"
@@ -226,20 +227,54 @@ def encode_intervals(family: int, intervals: tuple[Interval, ...]) -> list[Any]:
     return [interval_element(family, iv) for iv in intervals]
 
 
-def build_replace(state: NftState, bypass_elements: tuple[list[Any], list[Any]] | None = None) -> Json:
-    """One atomic transaction: create-or-keep, delete, recreate our table with everything in it.
+@dataclass(frozen=True)
+class TableObjects:
+    """The chains and named sets an existing table inet tproxyd holds, read just before a replace.
+    `ifname_sets`: those of `sets` keyed by interface name (the link sets are kept if among them)."""
+
+    chains: frozenset[str] = frozenset()
+    sets: frozenset[str] = frozenset()
+    ifname_sets: frozenset[str] = frozenset()
+
+
+def _delete(kind: str, name: str) -> Json:
+    return {"delete": {kind: {"family": FAMILY, "table": TABLE, "name": name}}}
+
+
+def _clear_table(existing: TableObjects | None) -> list[Json]:
+    """Empty our table but for the link sets and their elements (see build_replace)."""
+    table = {"table": {"family": FAMILY, "name": TABLE}}
+    if existing is None:  # none seen: create-or-keep, delete, recreate (one appearing meanwhile goes too)
+        return [{"add": table}, {"delete": table}, {"add": table}]
+    keep = existing.ifname_sets & set(LINK_SETS)
+    return [
+        {"add": table},
+        {"flush": table},  # every rule: nothing references the chains and sets any more
+        *(_delete("chain", name) for name in sorted(existing.chains)),
+        *(_delete("set", name) for name in sorted(existing.sets - keep)),
+    ]
+
+
+def build_replace(
+    state: NftState,
+    bypass_elements: tuple[list[Any], list[Any]] | None = None,
+    existing: TableObjects | None = None,
+) -> Json:
+    """One atomic transaction that rebuilds our table as `state`, except the link sets' elements.
+
+    Interface names never go into libnftables JSON: it reads a string as an expression ('@x' a
+    set reference, '*' the catch-all element, 'eth*' a wildcard, 'tcp' a constant). The link sets
+    are created empty, or, in an `existing` table, kept with their elements, so a link proxied
+    before stays proxied throughout; `link_elements(state)` then sets them over netlink.
     `bypass_elements` = (v4, v6) from `encode_intervals` of `state.bypass`, when the caller has
     them already (encoding 100k entries costs ~0.3 s; they change only with the config)."""
     bypass4, bypass6 = bypass_elements or (encode_intervals(4, state.bypass.v4), encode_intervals(6, state.bypass.v6))
-    table = {"table": {"family": FAMILY, "name": TABLE}}
     s = state.settings
     commands: list[Json] = [
         {"metainfo": {"json_schema_version": 1}},
-        {"add": table},
-        {"delete": table},
-        {"add": table},
-        _set(SET_LAN_LINKS, "ifname", sorted(state.lan_links), interval=False),
-        _set(SET_HOST_LINKS, "ifname", sorted(state.host_links), interval=False),
+        *_clear_table(existing),
+        _set(SET_LAN_LINKS, "ifname", [], interval=False),
+        _set(SET_HOST_LINKS, "ifname", [], interval=False),
         _set(SET_BYPASS4, "ipv4_addr", bypass4, True),
         _set(SET_BYPASS6, "ipv6_addr", bypass6, True),
         _set(SET_LOCAL4, "ipv4_addr", encode_intervals(4, state.local.v4), True),
@@ -264,9 +299,12 @@ def build_delete() -> Json:
 
 @dataclass(frozen=True)
 class IfnameChange:
+    """`flush`: empty the set first (in the same kernel transaction as the additions)."""
+
     set_name: str
     add: tuple[str, ...]
     remove: tuple[str, ...]
+    flush: bool = False
 
 
 @dataclass(frozen=True)
@@ -291,6 +329,15 @@ def _interval_change(name: str, family: int, old: tuple[Interval, ...], new: tup
     if old_set == new_set:
         return []
     return [IntervalChange(name, family, tuple(sorted(new_set - old_set)), tuple(sorted(old_set - new_set)))]
+
+
+def link_elements(state: NftState) -> list[SetChange]:
+    """After a replace: the link sets hold exactly `state`'s names (one netlink transaction, so a
+    name in both the old and the new set is never missing)."""
+    return [
+        IfnameChange(SET_LAN_LINKS, tuple(sorted(state.lan_links)), (), flush=True),
+        IfnameChange(SET_HOST_LINKS, tuple(sorted(state.host_links)), (), flush=True),
+    ]
 
 
 def element_changes(old: NftState, new: NftState) -> list[SetChange] | None:
