@@ -169,6 +169,9 @@ uninstall:
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
 		systemctl stop tproxyd.service tproxyd-core.service 2>/dev/null || true; \
 		systemctl disable tproxyd.service 2>/dev/null || true; fi
+	@# failure_policy = closed keeps blocking the proxied links after a stop (a kill switch): release them.
+	@if [ -z "$(DESTDIR)" ] && [ -x $(LIBDIR)/bin/tproxyd ]; then \
+		$(LIBDIR)/bin/tproxyd --release --config $(CONFDIR)/config.toml || $(LIBDIR)/bin/tproxyd --release --config /dev/null; fi
 	rm -f $(addprefix $(DESTDIR),$(INSTALLED_FILES))
 	-rmdir $(DOCDIR) $(GNOME_EXT) 2>/dev/null
 	rm -rf $(LIBDIR)

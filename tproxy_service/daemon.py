@@ -1,6 +1,7 @@
 """tproxyd: the composition root. Wires config, kernel adapters, monitors and the engine;
-handles signals: SIGTERM/SIGINT remove everything of ours and exit 0, SIGHUP re-reads the
-config (a bad one is refused and the running state kept)."""
+handles signals: SIGTERM/SIGINT remove everything of ours (with failure_policy closed, keep the
+diversion as a kill switch) and exit 0, SIGHUP re-reads the config (a bad one is refused and the
+running state kept)."""
 
 from __future__ import annotations
 
@@ -25,12 +26,13 @@ from .kernel.facts import FactsReader
 from .kernel.nft import NftablesAdapter
 from .kernel.routing import RoutingAdapter
 from .logsetup import sd_notify, setup_logging
-from .model import Config, NmFacts
+from .model import Config, FailurePolicy, NmFacts
 from .monitors.netlink import NetlinkMonitor
 from .monitors.networkmanager import NetworkManagerMonitor
 from .monitors.nft_events import NftDriftWatch
 from .rules.admission import INPUT_CHAINS
 from .rules.nft import TABLE
+from .rules.routing import build_routing
 from .state_store import StateStore
 
 log = logging.getLogger("tproxyd")
@@ -43,12 +45,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "Transparent-proxy service: diverts the traffic of the links named in the config "
             "(nftables TPROXY + policy routing, IPv4/IPv6, TCP/UDP) to the proxy core's port, "
             "follows links and addresses as they change, and heals its table, rules and routes if "
-            "someone deletes them. Runs in the foreground; SIGTERM removes everything it added, "
-            "SIGHUP re-reads the config."
+            "someone deletes them. Runs in the foreground; SIGTERM removes everything it added "
+            "(with failure_policy = closed it keeps blocking the proxied links until `tproxyctl off`, "
+            "DisableLink or `make uninstall`), SIGHUP re-reads the config."
         ),
     )
     parser.add_argument("--config", type=Path, default=DEFAULT_PATH, help=f"config file (TOML; default {DEFAULT_PATH})")
     parser.add_argument("--check", action="store_true", help="validate the config (and CIDR files), then exit")
+    parser.add_argument(
+        "--release",
+        action="store_true",
+        help="remove the table, policy rules and routes a stopped tproxyd kept (failure_policy = closed "
+        "keeps blocking the proxied links after a stop), then exit; `make uninstall` runs it",
+    )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info"
     )
@@ -172,7 +181,16 @@ class Daemon:
         log.info("tproxyd ready: state=%s active=%s", status.state, links)
         sd_notify(f"READY=1\nSTATUS=state {status.state}, active on {links}")
         await self._stop.wait()
-        log.info("stopping: removing table inet %s, policy rules and routes", TABLE)
+        # failure_policy closed: a kill switch. The table, rules and routes stay, so the proxied
+        # links stay blocked (the core stops with us) until `tproxyctl off`, DisableLink or
+        # `make uninstall` releases them; the next start takes them over (see NftablesAdapter).
+        keep = self.engine.config.tproxy.failure_policy is FailurePolicy.CLOSED and self.engine.diverting
+        if keep:
+            log.info(
+                "stopping: failure_policy closed keeps table inet %s, rules and routes (links stay blocked)", TABLE
+            )
+        else:
+            log.info("stopping: removing table inet %s, policy rules and routes", TABLE)
         sd_notify("STOPPING=1")
         if self.bus:
             self.bus.close()
@@ -180,7 +198,7 @@ class Daemon:
         if self.nm is not None:
             await self.nm.stop()
         self.nft_watch.pause()
-        await self.engine.stop(remove=True)
+        await self.engine.stop(remove=not keep)
         if self.core is not None:
             await self.core.want(False)  # nothing is diverted any more: the core is not needed
             await self.core.settle()
@@ -189,6 +207,17 @@ class Daemon:
         self.nft.close()
         self.routing.close()
         self.facts.close()
+
+
+async def release(config: Config) -> None:
+    """What SIGTERM does under failure_policy open, for a tproxyd that is not running."""
+    nft, routing = NftablesAdapter(), RoutingAdapter()
+    try:
+        await nft.delete()
+        await routing.remove(build_routing(config.tproxy))
+    finally:
+        nft.close()
+        routing.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check:
         print(f"{args.config}: OK ({len(config.links)} links configured)")
+        return 0
+    if args.release:
+        asyncio.run(release(config))
+        print(f"tproxyd: released (no table inet {TABLE}, policy rules or routes of ours left)")
         return 0
     try:
         asyncio.run(Daemon(config).run())

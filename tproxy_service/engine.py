@@ -148,6 +148,11 @@ class Engine:
         return {name: hold for name, hold in holds.items() if name not in self._links}
 
     @property
+    def diverting(self) -> bool:
+        """Our table is (as far as we know) in the kernel."""
+        return self._applied.nft is not None
+
+    @property
     def enabled(self) -> bool:
         return self._enabled
 

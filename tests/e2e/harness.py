@@ -366,6 +366,35 @@ def udp_ask(ns: str, src: str, dst: str, port: int = UDP_PORT) -> Flow:
     return Flow(ns, "udp", src, sport, dst, port, peer, peer_port)
 
 
+def attempt(proto: str, ns: str, src: str, dst: str, device: str | None = None) -> Flow:
+    """One request that may go unanswered (blocked): then its Flow's `seen_peer` is "".
+    `device`: the socket is bound to it (SO_BINDTODEVICE, as `curl --interface DEV` does)."""
+    sport = next_source_port()
+    port = HTTP_PORT if proto == "tcp" else UDP_PORT
+    if proto == "tcp":
+        url = f"http://{host_port(dst, port)}/"
+        bind = ["--interface", device] if device else ["--interface", src]
+        proc = in_ns(ns, "curl", "-sS", "-g", "-m", "2", *bind, "--local-port", str(sport), url, check=False)
+    else:
+        args = [src, str(sport), dst, str(port), device or ""]
+        proc = in_ns(ns, PYTHON, "-c", _UDP_TRY, *args, check=False)
+    if proc.returncode != 0:
+        return Flow(ns, proto, src, sport, dst, port, "", 0)
+    peer, peer_port = _parse_peer(proc.stdout, f"{proto} {host_port(src, sport)} -> {host_port(dst, port)}")
+    return Flow(ns, proto, src, sport, dst, port, peer, peer_port)
+
+
+_UDP_TRY = """
+import socket, sys
+src, sport, dst, dport, device = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET, socket.SOCK_DGRAM)
+if device:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+s.bind((src, sport)); s.connect((dst, dport)); s.settimeout(2)
+s.send(b"hello"); print(s.recv(2048).decode())
+"""
+
+
 def send(proto: str, ns: str, src: str, dst: str, port: int | None = None) -> Flow:
     if proto == "tcp":
         return http_get(ns, src, dst, port or HTTP_PORT)
@@ -465,6 +494,11 @@ class Proofs:
         self.access.wait_for_flow(flow)
         assert not self.leaks.saw(flow), f"the client's original packets reached the router: {flow}"
 
+    def blocked(self, flow: Flow) -> None:
+        """Unanswered, and not one packet of it reached the router."""
+        assert flow.seen_peer == "", f"{flow.proto} {flow.src}:{flow.sport} -> {flow.dst} was answered: {flow}"
+        assert not self.leaks.saw(flow), f"packets of a blocked flow reached the router: {flow}"
+
     def direct(self, flow: Flow) -> None:
         assert (flow.seen_peer, flow.seen_port) == (flow.src, flow.sport), (
             f"{flow.proto} {flow.src}:{flow.sport} -> {flow.dst}: server saw "
@@ -493,6 +527,9 @@ class TproxydConfig:
     dns_hijack: str = "all"
     port: int = TPROXY_PORT
     core_config: Path | None = None  # [core] config: the user's v2ray JSON (for render_checked)
+    failure_policy: str = "open"
+    ipv6: bool = True
+    udp: bool = True
     cidrs: tuple[str, ...] = USER_CIDRS
     list_file_cidrs: tuple[str, ...] = LIST_FILE_CIDRS
 
@@ -516,10 +553,10 @@ mark = {FWMARK}
 core_mark = {CORE_MARK}
 route_table = {ROUTE_TABLE}
 rule_priority = {RULE_PRIORITY}
-ipv6 = true
-udp = true
+ipv6 = {json.dumps(self.ipv6)}
+udp = {json.dumps(self.udp)}
 dns_hijack = "{self.dns_hijack}"
-failure_policy = "open"
+failure_policy = "{self.failure_policy}"
 
 [bypass]
 reserved = true
@@ -694,12 +731,16 @@ FOREIGN = (("ip", "nat"), ("inet", "filter"))
 _COUNTER_VALUES = re.compile(r"counter packets \d+ bytes \d+")
 
 
+def strip_counters(listing: str | None) -> str | None:
+    return None if listing is None else _COUNTER_VALUES.sub("counter", listing)
+
+
 def foreign_listing(ns: str) -> dict[str, str | None]:
     """Listings of the foreign tables; counter values are stripped (traffic moves them)."""
     listing = {}
     for family, name in FOREIGN:
         text = nft_table_listing(ns, family, name)
-        listing[f"{family} {name}"] = None if text is None else _COUNTER_VALUES.sub("counter", text)
+        listing[f"{family} {name}"] = strip_counters(text)
     return listing
 
 

@@ -6,6 +6,7 @@ The lab's own v2ray keeps port 12345; the supervised core uses CORE_PORT, so the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -74,6 +75,7 @@ class CoreStack:
             f'[core]\nconfig = "{self.user_config}"\nsystemd_bus = "{systemd_bus or self.manager.bus_address}"\n'
         )
         log = self.workdir / "tproxyd.log"
+        readies = log.read_text().count("tproxyd ready") if log.exists() else 0  # earlier runs'
         proc = h.spawn(
             h.GW,
             [str(h.TPROXYD), "--config", str(config), "--log-level", "debug"],
@@ -81,7 +83,9 @@ class CoreStack:
             env={"DBUS_SYSTEM_BUS_ADDRESS": self.bus.address},
         )
         self.daemons.append(proc)
-        h.wait_until(lambda: "tproxyd ready" in log.read_text() or proc.poll() is not None, 20, "tproxyd ready")
+        h.wait_until(
+            lambda: log.read_text().count("tproxyd ready") > readies or proc.poll() is not None, 20, "tproxyd ready"
+        )
         assert proc.poll() is None, log.read_text()[-3000:]
         return proc
 
@@ -400,3 +404,54 @@ def test_vmess_chain_through_a_v2ray_server_upstream(lab: h.Lab, core_stack: Cor
             proofs.proxied(flow, expected_peer=VMESS_EGRESS.of(family))
             line = core_stack.access.line_for(flow)
             assert line is not None and line.endswith("[proxy]"), f"not through the VMess outbound: {line}"
+
+
+_STREAM = """
+import socket, sys, time
+src, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((src, 0))
+while True:  # until SIGTERM: one datagram every 5 ms
+    s.sendto(b"stream", (dst, port))
+    time.sleep(0.005)
+"""
+
+
+def test_closed_policy_stop_is_a_kill_switch_until_released(lab: h.Lab, core_stack: CoreStack) -> None:
+    """Under `closed`, SIGTERM (systemctl stop/restart, an upgrade) keeps blocking the proxied
+    links: not one client packet reaches the router while tproxyd and its core are down, nor
+    while the next start takes over. DisableLink releases the link (traffic goes direct)."""
+    first = core_stack.start("closed")
+    assert core_stack.call("EnableLink", "ss", [h.LAN_LINK, "lan"]).error is None
+    assert core_stack.call("EnableLink", "ss", [h.UP_LINK, "host"]).error is None
+    core_stack.wait_state("active")
+    kept = dataclasses.replace(h.kernel_state(h.GW), table_listing=h.strip_counters(h.kernel_state(h.GW).table_listing))
+    streams = [
+        h.spawn(
+            h.CLI,
+            [h.PYTHON, "-c", _STREAM, h.CLIENT.of(f), h.SERVER.of(f), str(h.UDP_PORT)],
+            core_stack.workdir / f"stream{f}.log",
+        )
+        for f in (4, 6)
+    ]
+    try:
+        with lab.leaks.no_client_packets():
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(15) == 0
+            now = h.kernel_state(h.GW)
+            assert dataclasses.replace(now, table_listing=h.strip_counters(now.table_listing)) == kept, "all must stay"
+            h.wait_until(lambda: core_stack.unit("ActiveState") == "inactive", 10, "the core to stop with tproxyd")
+            for family in (4, 6):
+                assert probe_during_outage(family) == "dropped"
+                own = h.attempt("tcp", h.GW, h.GW_UP.of(family), h.SERVER.of(family))
+                h.Proofs(core_stack.access, lab.leaks).blocked(own)
+            core_stack.start("closed")  # takes over what it finds
+            core_stack.wait_state("active", timeout=20)
+            assert_proxied(core_stack, lab)
+    finally:
+        for stream in streams:
+            h.stop_process(stream)
+    assert core_stack.call("DisableLink", "s", [h.LAN_LINK]).error is None
+    assert core_stack.call("DisableLink", "s", [h.UP_LINK]).error is None
+    h.wait_until(lambda: h.kernel_state(h.GW).absent, 10, "the released table, rules and routes to be gone")
+    assert_direct()
