@@ -30,6 +30,7 @@ SCENARIOS: dict[str, NftState] = {
     ),
     "dns_hijack_lan": _state(TproxySettings(dns_hijack=DnsHijack.LAN)),
     "closed_policy": _state(TproxySettings(failure_policy=FailurePolicy.CLOSED)),
+    "closed_ipv4_tcp_only": _state(TproxySettings(ipv6=False, udp=False, failure_policy=FailurePolicy.CLOSED)),
     "empty_sets": _state(
         TproxySettings(),
         bypass=AddressSet(),

@@ -85,6 +85,14 @@ def _l4protos(settings: TproxySettings) -> list[Json]:
     return exprs
 
 
+def _diverted(settings: TproxySettings) -> list[Json]:
+    """What jumps to `proxy`. Under `closed` every TCP and UDP packet: the proxy chain drops what
+    it cannot divert (IPv6 with ipv6 = false, UDP with udp = false) unless bypassed."""
+    if settings.failure_policy is FailurePolicy.CLOSED:
+        return [_match(_meta("l4proto"), {"set": ["tcp", "udp"]})]
+    return _l4protos(settings)
+
+
 # --- element encoding ---------------------------------------------------------------------------
 
 
@@ -177,7 +185,7 @@ def _prerouting_rules(s: TproxySettings) -> list[Json]:
         _rule(
             CHAIN_PREROUTING,
             _match(_meta("iifname"), _set_ref(SET_LAN_LINKS)),
-            *_l4protos(s),
+            *_diverted(s),
             _jump(CHAIN_PROXY),
         ),
         # The host's own traffic, marked in `output` and routed to lo by the fwmark rule.
@@ -213,14 +221,21 @@ def _proxy_rules(s: TproxySettings) -> list[Json]:
 
 def _output_rules(s: TproxySettings) -> list[Json]:
     # In a base chain `return` means "policy accept": the packet leaves unmarked (direct).
-    protos: Any = {"set": ["tcp", "udp"]} if s.udp else "tcp"
+    closed = s.failure_policy is FailurePolicy.CLOSED
+    protos: Any = {"set": ["tcp", "udp"]} if s.udp or closed else "tcp"
     rules = [
         _rule(CHAIN_OUTPUT, _match(_meta("oifname"), _set_ref(SET_HOST_LINKS), "!="), _RETURN),
         _rule(CHAIN_OUTPUT, _match(_meta("l4proto"), protos, "!="), _RETURN),
     ]
-    if not s.ipv6:
+    if not s.ipv6 and not closed:
         rules.append(_rule(CHAIN_OUTPUT, _match(_meta("nfproto"), "ipv6"), _RETURN))
-    return [*rules, _rule(CHAIN_OUTPUT, _jump(CHAIN_BYPASS)), _rule(CHAIN_OUTPUT, _mark_set(s.mark))]
+    rules.append(_rule(CHAIN_OUTPUT, _jump(CHAIN_BYPASS)))
+    # closed: what is not bypassed and cannot be diverted is dropped, never sent direct
+    if not s.ipv6 and closed:
+        rules.append(_rule(CHAIN_OUTPUT, _match(_meta("nfproto"), "ipv6"), {"counter": None}, {"drop": None}))
+    if not s.udp and closed:
+        rules.append(_rule(CHAIN_OUTPUT, _match(_meta("l4proto"), "udp"), {"counter": None}, {"drop": None}))
+    return [*rules, _rule(CHAIN_OUTPUT, _mark_set(s.mark))]
 
 
 def encode_intervals(family: int, intervals: tuple[Interval, ...]) -> list[Any]:
