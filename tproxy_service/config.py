@@ -112,6 +112,8 @@ _TPROXY_KEYS: dict[str, Callable[[Any], str | None]] = {
 _BYPASS_KEYS: dict[str, Callable[[Any], str | None]] = {
     "reserved": _is_bool,
     "local_subnets": _is_bool,
+    "local_min_prefix4": _int_in(0, 32),
+    "local_min_prefix6": _int_in(0, 128),
     "cidrs": lambda v: (
         None if isinstance(v, list) and all(isinstance(x, str) for x in v) else "must be a list of CIDR strings"
     ),
@@ -282,6 +284,8 @@ def parse_config(text: str, name: str = "<config>", base: Path | None = None) ->
         bypass=BypassSettings(
             reserved=bypass_t.get("reserved", True),
             local_subnets=bypass_t.get("local_subnets", True),
+            local_min_prefix4=bypass_t.get("local_min_prefix4", 16),
+            local_min_prefix6=bypass_t.get("local_min_prefix6", 48),
             cidrs=cidrs,
             files=files,
         ),

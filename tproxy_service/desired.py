@@ -7,7 +7,9 @@ from collections.abc import Mapping
 
 from .cidrs import address_set, parse_cidr, parse_cidrs, union
 from .model import (
+    AddressFact,
     AddressSet,
+    BypassSettings,
     Config,
     CoreStatus,
     DesiredState,
@@ -33,17 +35,31 @@ def bypass_set(config: Config) -> AddressSet:
     return union(RESERVED, config.user_bypass) if config.bypass.reserved else config.user_bypass
 
 
-def local_subnets(facts: Facts) -> AddressSet:
-    """Directly connected subnets: the prefix of every address on every link but loopback."""
+def _connected(facts: Facts, settings: BypassSettings, sane: bool) -> list[AddressFact]:
+    """Addresses on every link but loopback whose prefix is (`sane`) or is not as long as
+    [bypass] local_min_prefix4/6 ask."""
     loopback = {link.index for link in facts.links if link.name == "lo"}
+    return [
+        addr
+        for addr in facts.addresses
+        if addr.link_index not in loopback
+        and (addr.prefixlen >= (settings.local_min_prefix4 if addr.family == 4 else settings.local_min_prefix6)) == sane
+    ]
+
+
+def local_subnets(facts: Facts, settings: BypassSettings) -> AddressSet:
+    """Directly connected subnets: the prefix of every address, unless it is too wide."""
     v4: list[Interval] = []
     v6: list[Interval] = []
-    for addr in facts.addresses:
-        if addr.link_index in loopback:
-            continue
+    for addr in _connected(facts, settings, sane=True):
         family, network = parse_cidr(f"{addr.address}/{addr.prefixlen}")
         (v4 if family == 4 else v6).append(network)
     return address_set(v4, v6)
+
+
+def too_wide_subnets(facts: Facts, settings: BypassSettings) -> tuple[str, ...]:
+    """The connected prefixes `local_subnets` leaves out (proxied like any destination)."""
+    return tuple(sorted({f"{a.address}/{a.prefixlen}" for a in _connected(facts, settings, sane=False)}))
 
 
 def compute_desired(
@@ -69,7 +85,7 @@ def compute_desired(
         bypass=bypass,
         lan_links=frozenset(n for n, m in links.items() if m.diverts_lan),
         host_links=frozenset(n for n, m in links.items() if m.diverts_host),
-        local=local_subnets(facts) if config.bypass.local_subnets else AddressSet(),
+        local=local_subnets(facts, config.bypass) if config.bypass.local_subnets else AddressSet(),
     )
     return DesiredState(nft=nft, routing=build_routing(config.tproxy), active_links=active)
 

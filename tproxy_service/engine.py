@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .desired import bypass_set, compute_desired, service_state, with_core
+from .desired import bypass_set, compute_desired, service_state, too_wide_subnets, with_core
 from .errors import KernelError
 from .model import Config, CoreStatus, DesiredState, Facts, LinkMode, NftState, NmFacts, RoutingState, ServiceState
 from .nm_policy import PolicyHold, effective_links, policy_holds, prune_suppressed
@@ -117,6 +117,7 @@ class Engine:
         self._suppressed: frozenset[tuple[str, str]] = frozenset()
         self._enabled = True
         self._applied = _Applied()
+        self._too_wide: tuple[str, ...] = ()  # connected prefixes logged as too wide to bypass
         self._nft_drift = False
         self._routing_drift = False
         self._verify = False
@@ -263,6 +264,7 @@ class Engine:
         nm = self._config.networkmanager
         standby = nm.enabled and bool(nm.auto)  # policy links come and go: keep the table armed
         desired = compute_desired(self._config, self.links, self._enabled, facts, self._bypass, standby)
+        self._log_too_wide(facts)
         wanted = desired.nft is not None
         core = await self._drive_core(wanted)
         policy = self._config.tproxy.failure_policy
@@ -292,6 +294,20 @@ class Engine:
         lan_links = frozenset() if nft is None else frozenset(nft.lan_links)
         problems = [p for p in [await fw.admit(mark, lan_links) for fw in self._firewalls] if p]
         return problems[0] if problems else ""  # _publish logs it with the state
+
+    def _log_too_wide(self, facts: Facts) -> None:
+        """Say (once per change) which connected prefixes are too wide to bypass."""
+        bypass = self._config.bypass
+        too_wide = too_wide_subnets(facts, bypass) if bypass.local_subnets else ()
+        if too_wide and too_wide != self._too_wide:
+            log.warning(
+                "not bypassing connected prefixes wider than /%d (IPv4) or /%d (IPv6): %s "
+                "([bypass] local_min_prefix4/6); traffic to them is proxied",
+                bypass.local_min_prefix4,
+                bypass.local_min_prefix6,
+                ", ".join(too_wide),
+            )
+        self._too_wide = too_wide
 
     async def _drive_core(self, wanted: bool) -> CoreStatus:
         """Start/stop the core with the want; without a supervisor the core counts as ready."""

@@ -77,6 +77,10 @@ class TproxySettings:
 class BypassSettings:
     reserved: bool = True
     local_subnets: bool = True
+    # Connected prefixes wider than these are not bypassed (a hostile DHCP /1 would make half of
+    # IPv4 direct); they are logged instead.
+    local_min_prefix4: int = 16
+    local_min_prefix6: int = 48
     cidrs: tuple[str, ...] = ()
     files: tuple[Path, ...] = ()
 

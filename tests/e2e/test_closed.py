@@ -4,6 +4,7 @@ names goes direct."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,41 @@ def test_ipv6_and_udp_off_are_dropped_not_direct(lab: h.Lab, start_tproxyd: Star
         for proto, family in undivertable:
             addr = (h.CLIENT if source == "lan" else h.GW_UP).of(family)
             lab.proofs.direct(h.send(proto, src, addr, h.ROUTER.of(family)))
+
+
+HOSTILE_PREFIXES = ("130.0.0.1/1", "2000::1/3")  # what a hostile DHCP server or RA could hand out
+SERVER_ROUTES = ((f"{h.SERVER.v4}/32", h.ROUTER.v4), (f"{h.SERVER.v6}/128", h.ROUTER.v6))
+
+
+@pytest.fixture
+def hostile_prefixes() -> Iterator[None]:
+    """The gateway's upstream link gains prefixes that cover the server (still routed via the
+    router: more specific routes); removed afterwards."""
+    added: list[tuple[str, ...]] = []
+    try:
+        for cidr in HOSTILE_PREFIXES:
+            h.add_addr(h.GW, h.UP_LINK, cidr)
+            added.append(("ip", "addr", "del", cidr, "dev", h.UP_LINK))
+        for dst, via in SERVER_ROUTES:
+            h.add_route(h.GW, dst, via)
+            added.append(("ip", "route", "del", dst, "via", via))
+        yield
+    finally:
+        for cmd in reversed(added):
+            h.in_ns(h.GW, *cmd, check=False)
+
+
+def test_a_too_wide_connected_prefix_is_not_bypassed(
+    lab: h.Lab, start_tproxyd: StartDaemon, tmp_path: Path, hostile_prefixes: None
+) -> None:
+    daemon = start_tproxyd(h.TproxydConfig(tmp_path / "conf", failure_policy="closed"))
+    daemon.wait_log("not bypassing connected prefixes")
+    assert "130.0.0.1/1, 2000::1/3" in daemon.log_text()
+    assert not h.set_has(h.GW, "local4", h.SERVER.v4) and not h.set_has(h.GW, "local6", h.SERVER.v6)
+    with lab.leaks.no_client_packets():
+        for proto in ("tcp", "udp"):
+            for family in (4, 6):
+                flow = h.send(proto, h.CLI, h.CLIENT.of(family), h.SERVER.of(family))
+                lab.proofs.proxied(flow, expected_peer=h.GW_UP.of(family))
+    # A sane prefix is still bypassed (the router's /24 and /64).
+    lab.proofs.direct(h.send("tcp", h.CLI, h.CLIENT.v4, h.ROUTER.v4))

@@ -76,6 +76,8 @@ def test_defaults() -> None:
     assert (c.tproxy.port, c.tproxy.mark, c.tproxy.core_mark, c.tproxy.route_table) == (12345, 1, 255, 100)
     assert c.tproxy.ipv6 and c.tproxy.udp and c.bypass.reserved
     assert c.tproxy.dns_hijack is DnsHijack.ALL
+    assert (c.bypass.local_min_prefix4, c.bypass.local_min_prefix6) == (16, 48)
+    assert parse_config("[bypass]\nlocal_min_prefix4 = 8\nlocal_min_prefix6 = 0\n").bypass.local_min_prefix6 == 0
     assert c.links == {}
     assert c.networkmanager.enabled and c.networkmanager.auto == ()
 
@@ -110,6 +112,11 @@ def test_networkmanager_inline_entries_and_off_switch() -> None:
         ("[tproxy]\nprot = 1\n", r"c\.toml:2: tproxy\.prot: unknown key"),
         ("colour = 1\n", r"c\.toml:1: colour: unknown key"),
         ('[bypass]\ncidrs = ["198.51.100.0/24", "nope"]\n', r"c\.toml:2: bypass\.cidrs\[1\]: 'nope' is not"),
+        (
+            "[bypass]\nlocal_min_prefix4 = 33\n",
+            r"c\.toml:2: bypass\.local_min_prefix4: must be between 0 and 32, got 33",
+        ),
+        ("[bypass]\nlocal_min_prefix6 = -1\n", r"c\.toml:2: bypass\.local_min_prefix6: must be between 0 and 128"),
         ('[bypass]\nfiles = "a.txt"\n', r"c\.toml:2: bypass\.files: must be a list of file paths"),
         ('[bypass]\nfiles = ["missing.txt"]\n', r"cannot read CIDR list file .*missing\.txt"),
         ('[links]\n"eth0/1" = "lan"\n', r"c\.toml:2: links\.eth0/1: interface name"),

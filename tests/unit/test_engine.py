@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
 
+from tproxy_service.cidrs import parse_cidrs
+from tproxy_service.desired import local_subnets, too_wide_subnets
 from tproxy_service.engine import Engine
 from tproxy_service.errors import KernelError
 from tproxy_service.model import (
     AddressFact,
+    BypassSettings,
     Config,
     CoreStatus,
     Facts,
@@ -420,3 +424,46 @@ def test_a_firewall_that_cannot_admit_degrades_with_its_reason() -> None:
         await engine.stop()
 
     run(body)
+
+
+WIDE_FACTS = Facts(
+    links=(LinkFact("lo", 1, True), LinkFact("eth0", 2, True)),
+    addresses=(
+        AddressFact(1, 4, "127.0.0.1", 8),  # loopback: never
+        AddressFact(2, 4, "203.0.113.2", 24),
+        AddressFact(2, 4, "130.0.0.1", 1),  # a hostile DHCP server's /1
+        AddressFact(2, 4, "10.9.0.1", 16),  # exactly the limit: kept
+        AddressFact(2, 6, "2001:db8::1", 32),
+        AddressFact(2, 6, "2001:db8:7::1", 48),
+    ),
+)
+
+
+def test_too_wide_connected_prefixes_are_not_bypassed() -> None:
+    """A hostile DHCP /1 must not make half of IPv4 direct: prefixes wider than
+    [bypass] local_min_prefix4/6 (default /16, /48) stay out of the local sets."""
+    default = BypassSettings()
+    assert local_subnets(WIDE_FACTS, default) == parse_cidrs(["203.0.113.0/24", "10.9.0.0/16", "2001:db8:7::/48"], "t")
+    assert too_wide_subnets(WIDE_FACTS, default) == ("130.0.0.1/1", "2001:db8::1/32")
+    anything = BypassSettings(local_min_prefix4=0, local_min_prefix6=0)
+    assert local_subnets(WIDE_FACTS, anything).v4 == parse_cidrs(["10.9.0.0/16", "128.0.0.0/1"], "t").v4
+    assert too_wide_subnets(WIDE_FACTS, anything) == ()
+
+
+def test_too_wide_connected_prefixes_are_logged_once_per_change(caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        engine, _nft, _routing, facts = make()
+        facts.facts = WIDE_FACTS
+        engine.start()
+        await engine.reconcile("startup")
+        await engine.reconcile("again")
+        engine.set_config(Config(links={"eth0": LinkMode.LAN}, bypass=BypassSettings(local_min_prefix4=1)))
+        await engine.reconcile("config")
+        await engine.stop()
+
+    with caplog.at_level(logging.WARNING):
+        run(body)
+    warnings = [r.getMessage() for r in caplog.records if "not bypassing connected prefixes" in r.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert "130.0.0.1/1, 2001:db8::1/32" in warnings[0] and "/16 (IPv4) or /48 (IPv6)" in warnings[0]
+    assert "130.0.0.1/1" not in warnings[1] and "2001:db8::1/32" in warnings[1]
