@@ -371,27 +371,30 @@ def attempt(proto: str, ns: str, src: str, dst: str, device: str | None = None) 
     `device`: the socket is bound to it (SO_BINDTODEVICE, as `curl --interface DEV` does)."""
     sport = next_source_port()
     port = HTTP_PORT if proto == "tcp" else UDP_PORT
-    if proto == "tcp":
-        url = f"http://{host_port(dst, port)}/"
-        bind = ["--interface", device] if device else ["--interface", src]
-        proc = in_ns(ns, "curl", "-sS", "-g", "-m", "2", *bind, "--local-port", str(sport), url, check=False)
-    else:
-        args = [src, str(sport), dst, str(port), device or ""]
-        proc = in_ns(ns, PYTHON, "-c", _UDP_TRY, *args, check=False)
+    args = [proto, src, str(sport), dst, str(port), device or ""]
+    proc = in_ns(ns, PYTHON, "-c", _TRY, *args, check=False)
     if proc.returncode != 0:
         return Flow(ns, proto, src, sport, dst, port, "", 0)
     peer, peer_port = _parse_peer(proc.stdout, f"{proto} {host_port(src, sport)} -> {host_port(dst, port)}")
     return Flow(ns, proto, src, sport, dst, port, peer, peer_port)
 
 
-_UDP_TRY = """
+_TRY = """
 import socket, sys
-src, sport, dst, dport, device = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
-s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET, socket.SOCK_DGRAM)
+proto, src, sport, dst, dport, device = sys.argv[1:]
+kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET, kind)
 if device:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
-s.bind((src, sport)); s.connect((dst, dport)); s.settimeout(2)
-s.send(b"hello"); print(s.recv(2048).decode())
+s.bind((src, int(sport))); s.settimeout(2); s.connect((dst, int(dport)))
+s.send(b"GET / HTTP/1.0\\r\\n\\r\\n" if proto == "tcp" else b"hello")
+reply = b""
+while b"port=" not in reply or not reply.endswith(b"\\n"):
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    reply += chunk
+print(reply.decode())
 """
 
 

@@ -69,3 +69,17 @@ def test_a_too_wide_connected_prefix_is_not_bypassed(
     assert not h.set_has(h.GW, "local4", h.SERVER.v4) and not h.set_has(h.GW, "local6", h.SERVER.v6)
     daemon.wait_log("not bypassing connected prefixes")
     assert "130.0.0.1/1, 2000::1/3" in daemon.log_text()
+
+
+def test_socket_bound_to_a_host_link_never_leaves_direct(
+    lab: h.Lab, start_tproxyd: StartDaemon, tmp_path: Path
+) -> None:
+    """A socket bound to the host link (SO_BINDTODEVICE, `curl --interface tpe-gu`) is marked in
+    the output chain, but the re-route only considers routes through tpe-gu, so it would leave
+    direct: under closed not one of its packets may reach the router."""
+    start_tproxyd(h.TproxydConfig(tmp_path / "conf", failure_policy="closed"))
+    for proto in ("tcp", "udp"):
+        for family in (4, 6):
+            lab.proofs.blocked(h.attempt(proto, h.GW, h.GW_UP.of(family), h.SERVER.of(family), device=h.UP_LINK))
+            flow = h.send(proto, h.GW, h.GW_UP.of(family), h.SERVER.of(family))  # an unbound socket
+            lab.proofs.proxied(flow, expected_peer=h.GW_UP.of(family))

@@ -12,6 +12,9 @@ Everything lives in one table, `inet tproxyd`. Chains:
       destinations, bypass sets, directly connected subnets); `return` = proxy it. The DNS
       exceptions (`dns_hijack`) return first: "lan" for DNS to connected subnets, "all" also for
       a lan client's DNS to any address, this gateway's own included.
+  postrouting (filter hook, failure_policy closed only): drops our marked packets about to leave
+      by a host link. The re-route missed them: a socket bound to the link (SO_BINDTODEVICE,
+      `curl --interface LINK`) only matches routes through that link, not `dev lo`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ SET_LOCAL6 = "local6"
 CHAIN_PREROUTING = "prerouting"
 CHAIN_PROXY = "proxy"
 CHAIN_OUTPUT = "output"
+CHAIN_POSTROUTING = "postrouting"
 CHAIN_BYPASS = "bypass"
 MANGLE_PRIORITY = -150
 # After a host firewall's reverse-path filter at filter + 10 (firewalld's IPv6_rpfilter): it looks
@@ -238,6 +242,11 @@ def _output_rules(s: TproxySettings) -> list[Json]:
     return [*rules, _rule(CHAIN_OUTPUT, _mark_set(s.mark))]
 
 
+def _postrouting_rules(s: TproxySettings) -> list[Json]:
+    marked_leaving = (_match(_meta("mark"), s.mark), _match(_meta("oifname"), _set_ref(SET_HOST_LINKS)))
+    return [_rule(CHAIN_POSTROUTING, *marked_leaving, {"counter": None}, {"drop": None})]
+
+
 def encode_intervals(family: int, intervals: tuple[Interval, ...]) -> list[Any]:
     return [interval_element(family, iv) for iv in intervals]
 
@@ -300,6 +309,8 @@ def build_replace(
         _chain(CHAIN_OUTPUT, hook="output", chain_type="route"),
     ]
     commands += _bypass_rules(s) + _proxy_rules(s) + _prerouting_rules(s) + _output_rules(s)
+    if s.failure_policy is FailurePolicy.CLOSED:
+        commands += [_chain(CHAIN_POSTROUTING, hook="postrouting"), *_postrouting_rules(s)]
     return {"nftables": commands}
 
 
