@@ -159,10 +159,12 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload_on_sighup()))
-        # A core config the core would refuse stops us here, before anything is touched.
+        self.control.restore()
+        if self.engine.config.tproxy.failure_policy is FailurePolicy.CLOSED:
+            await self.engine.arm()  # not one packet direct while the slow steps below run
+        # A core config the core would refuse stops us here (under closed: still blocking).
         if self.core is not None:
             await self.core.prepare(self.engine.config)
-        self.control.restore()
         # Own the name before touching the kernel: a second tproxyd stops here (AlreadyRunning).
         self.bus = await bus_service.start(self.control)
         # Subscribe before the first read so no change between the two is missed.

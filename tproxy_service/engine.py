@@ -219,6 +219,24 @@ class Engine:
     async def reconcile(self, reason: str) -> EngineStatus:
         return await self.wait_for(self.request(reason))
 
+    async def arm(self) -> None:
+        """Before anything slow at startup (the core's `-test`, the bus): put the diversion in
+        place with the core counted as not ready, so that under failure_policy closed the proxy
+        chain's drop blocks the links until the core listens. A table a stopped tproxyd kept is
+        taken over in place. A failure is left to the first pass."""
+        try:
+            facts = await self._facts.read()
+            desired = compute_desired(self._config, self.links, self._enabled, facts, self._bypass)
+            desired = with_core(desired, False, self._config.tproxy.failure_policy)
+            if desired.nft is None:
+                return
+            await self._apply(self._applied, desired, False, False)
+        except KernelError as e:
+            log.warning("could not block the proxied links early: %s; the first pass retries", e)
+            return
+        self._applied = _Applied(desired.nft, desired.routing, known=True)
+        log.info("blocking %s until the core listens", ", ".join(desired.active_links) or "the proxied links")
+
     # --- the loop -------------------------------------------------------------------------------
 
     def start(self) -> None:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tproxy_service.bus import names
+
 from ..integration import harness as ih
 from ..integration.monitor import Monitor
 from . import harness as h
@@ -65,7 +67,10 @@ class CoreStack:
             config["dns"] = dns
         self.user_config.write_text(json.dumps(config))
 
-    def start(self, policy: str, systemd_bus: str = "") -> subprocess.Popen[bytes]:
+    def start(
+        self, policy: str, systemd_bus: str = "", extra_core: str = "", links: str = "", wait: bool = True
+    ) -> subprocess.Popen[bytes]:
+        """`extra_core`: more [core] keys; `links`: the [links] table's lines."""
         self.write_user_config()
         config = self.workdir / "tproxyd.toml"
         config.write_text(
@@ -73,6 +78,7 @@ class CoreStack:
             f'runtime_dir = "{self.manager.runtime_dir / "tproxyd"}"  # %t/tproxyd in the unit\n'
             f'[tproxy]\nport = {CORE_PORT}\nfailure_policy = "{policy}"\n'
             f'[core]\nconfig = "{self.user_config}"\nsystemd_bus = "{systemd_bus or self.manager.bus_address}"\n'
+            f"{extra_core}\n[links]\n{links}\n"
         )
         log = self.workdir / "tproxyd.log"
         readies = log.read_text().count("tproxyd ready") if log.exists() else 0  # earlier runs'
@@ -83,6 +89,8 @@ class CoreStack:
             env={"DBUS_SYSTEM_BUS_ADDRESS": self.bus.address},
         )
         self.daemons.append(proc)
+        if not wait:
+            return proc
         h.wait_until(
             lambda: log.read_text().count("tproxyd ready") > readies or proc.poll() is not None, 20, "tproxyd ready"
         )
@@ -455,3 +463,36 @@ def test_closed_policy_stop_is_a_kill_switch_until_released(lab: h.Lab, core_sta
     assert core_stack.call("DisableLink", "s", [h.UP_LINK]).error is None
     h.wait_until(lambda: h.kernel_state(h.GW).absent, 10, "the released table, rules and routes to be gone")
     assert_direct()
+
+
+SLOW_CORE = """#!/bin/sh
+# The core binary, whose config check waits until the test creates {release}.
+if [ "$1" = "-test" ]; then
+    touch {started}
+    while [ ! -e {release} ]; do sleep 0.05; done
+fi
+exec /usr/bin/v2ray "$@"
+"""
+
+
+def test_closed_policy_blocks_before_the_slow_core_check(lab: h.Lab, core_stack: CoreStack) -> None:
+    """At boot tproxyd runs before the network comes up; under `closed` its table must be in
+    place before anything slow: here the core's `-test` does not end until the test says so,
+    and meanwhile the configured link is already blocked (not one client packet upstream)."""
+    started, release = core_stack.workdir / "test-started", core_stack.workdir / "test-release"
+    binary = core_stack.workdir / "slow-core"
+    binary.write_text(SLOW_CORE.format(started=started, release=release))
+    binary.chmod(0o755)
+    daemon = core_stack.start("closed", extra_core=f'binary = "{binary}"', links=f'"{h.LAN_LINK}" = "lan"', wait=False)
+    try:
+        h.wait_until(lambda: started.exists() or daemon.poll() is not None, 20, "tproxyd to run the core's -test")
+        assert daemon.poll() is None
+        with lab.leaks.no_client_packets():
+            for family in (4, 6):
+                assert probe_during_outage(family) == "dropped"
+        assert h.kernel_state(h.GW).complete
+    finally:
+        release.touch()
+    h.wait_until(lambda: core_stack.bus.has_owner(names.BUS_NAME), 20, "tproxyd on the bus")
+    core_stack.wait_state("active", timeout=20)
+    assert_proxied(core_stack, lab)
