@@ -426,6 +426,20 @@ def test_a_firewall_that_cannot_admit_degrades_with_its_reason() -> None:
     run(body)
 
 
+def test_arm_blocks_before_the_core_is_asked_and_the_first_pass_keeps_it() -> None:
+    async def body() -> None:
+        engine, nft, core = make_with_core(FailurePolicy.CLOSED)
+        await engine.arm()  # before the loop runs: no core job, the table with its final drop
+        assert nft.calls == ["replace"] and core.wants == []
+        assert nft.table is not None and nft.table.lan_links == frozenset({"eth0"})
+        engine.start()
+        status = await engine.reconcile("startup")
+        assert status.state is ServiceState.STARTING and nft.calls == ["replace"], "taken over, not rebuilt"
+        await engine.stop()
+
+    run(body)
+
+
 WIDE_FACTS = Facts(
     links=(LinkFact("lo", 1, True), LinkFact("eth0", 2, True)),
     addresses=(
