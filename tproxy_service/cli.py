@@ -68,6 +68,10 @@ commands:
 Choices made with enable/disable/on/off are saved by tproxyd and survive restarts; they override
 the [links] defaults of its config file.
 
+With failure_policy = "closed" (a kill switch) a proxied link never goes direct: not while the
+core is down, nor while tproxyd is stopped or restarting (its rules stay and block). off, or
+disable of the link, releases it (D-Bus starts a stopped tproxyd for that).
+
 Who may do what is decided by polkit in tproxyd: reading (status, monitor) is open to everyone;
 enable/disable/on/off/reapply need io.github.Tproxyd.toggle, reload needs
 io.github.Tproxyd.configure (both: administrator authentication, unless a polkit rule says
