@@ -8,7 +8,7 @@ from dbus_fast import Message, MessageType, Variant
 
 from tproxy_service.bus.names import NM_ACTIVE_IFACE, NM_DEVICE_IFACE, NM_IFACE, NM_NAME, PROPERTIES_IFACE
 from tproxy_service.model import NmConnection, NmDevice
-from tproxy_service.monitors.networkmanager import ActiveProps, _relevant, build_facts, is_shared, plain
+from tproxy_service.monitors.networkmanager import ActiveProps, _relevant, build_facts, is_shared, nm_ifname, plain
 
 DEV = "/org/freedesktop/NetworkManager/Devices/"
 AC = "/org/freedesktop/NetworkManager/ActiveConnection/"
@@ -82,3 +82,15 @@ def test_only_signals_that_can_change_facts_matter() -> None:
     # IP configs, statistics, connectivity: netlink (or nothing) covers them.
     assert _relevant(changed(DEV + "2", NM_DEVICE_IFACE, Ip4Config=Variant("o", "/x"))) is None
     assert _relevant(changed("/org/freedesktop/NetworkManager", NM_IFACE, Connectivity=Variant("u", 4))) is None
+
+
+def test_interface_names_are_unescaped() -> None:
+    """NetworkManager escapes `Interface` on D-Bus (seen with a link named `\\`: "\\\\"); the
+    kernel's name is what the link sets must hold."""
+    assert nm_ifname("wlan0") == "wlan0" and nm_ifname("éééééééz") == "éééééééz"
+    assert nm_ifname("\\\\") == "\\" and nm_ifname("a\\\\b") == "a\\b"
+    assert nm_ifname("\\\\123") == "\\123"  # an escaped backslash, then digits
+    assert nm_ifname("x\\303\\251") == "xé"  # octal bytes (NetworkManager's form for unsafe ones)
+    devices = {DEV + "9": {"Interface": "a\\\\b", "IpInterface": "", "DeviceType": 20, "State": 100}}
+    facts = build_facts({}, devices, [active(9, 9)])
+    assert [c.ifname for c in facts.connections] == ["a\\b"]

@@ -101,6 +101,27 @@ class ActiveProps:
     shared: bool
 
 
+def nm_ifname(escaped: str) -> str:
+    """The kernel's interface name from NetworkManager's D-Bus `Interface`/`IpInterface`, which
+    NetworkManager escapes (a backslash doubled, other unsafe bytes as \\ooo octal)."""
+    if "\\" not in escaped:
+        return escaped
+    raw = bytearray()
+    i = 0
+    while i < len(escaped):
+        octal = escaped[i + 1 : i + 4]
+        if escaped[i] == "\\" and len(octal) == 3 and all(c in "01234567" for c in octal):
+            raw.append(int(octal, 8) & 0xFF)
+            i += 4
+        elif escaped[i] == "\\" and escaped[i + 1 : i + 2] == "\\":
+            raw.append(0x5C)
+            i += 2
+        else:
+            raw += escaped[i].encode()
+            i += 1
+    return raw.decode(errors="replace")
+
+
 def build_facts(
     manager: Mapping[str, Any], devices: Mapping[str, Mapping[str, Any]], actives: Sequence[ActiveProps]
 ) -> NmFacts:
@@ -108,7 +129,7 @@ def build_facts(
     active connections -> NmFacts."""
     links: dict[str, NmDevice] = {}
     for path, props in devices.items():
-        iface = str(props.get("IpInterface") or props.get("Interface") or "")
+        iface = nm_ifname(str(props.get("IpInterface") or props.get("Interface") or ""))
         if iface:
             links[path] = NmDevice(iface, DEVICE_TYPES.get(int(props.get("DeviceType", 0)), UNKNOWN_TYPE),
                                    int(props.get("State", 0)))  # fmt: skip
