@@ -230,7 +230,8 @@ def table_exists(table: str, family: str = "inet") -> bool:
                 offset += (length + 3) & ~3
 
 
-def _attrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
+def parse_attrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
+    """The netlink attributes in buf[start:end], by type (the first of each type)."""
     out: dict[int, bytes] = {}
     while start + 4 <= end:
         length, attr_type = struct.unpack_from("=HH", buf, start)
@@ -257,7 +258,7 @@ def _dump(sock: socket.socket, get: int, new: int, seq: int) -> list[dict[int, b
                     (code,) = struct.unpack_from("=i", buf, offset + _NLMSGHDR.size)
                     raise KernelError(f"listing nftables objects failed: {os.strerror(-code)}")
                 if kind == (NFNL_SUBSYS_NFTABLES << 8) | new:
-                    objects.append(_attrs(buf, offset + _NLMSGHDR.size + _NFGENMSG.size, offset + length))
+                    objects.append(parse_attrs(buf, offset + _NLMSGHDR.size + _NFGENMSG.size, offset + length))
             offset += (length + 3) & ~3
 
 

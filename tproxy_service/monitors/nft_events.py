@@ -18,7 +18,7 @@ import socket
 import struct
 from collections.abc import Callable, Mapping
 
-from ..kernel.nft_netlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO, NFPROTO_INET
+from ..kernel.nft_netlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO, NFPROTO_INET, parse_attrs
 
 log = logging.getLogger(__name__)
 NFNLGRP_NFTABLES = 7
@@ -28,19 +28,7 @@ NFT_MSG_NEWGEN = 15
 NFTA_GEN_PROC_PID = 2
 NFTA_TABLE_NAME_ATTR = 1  # the table name is attribute 1 in table/chain/rule/set/element messages
 _HDR = struct.Struct("=IHHII")
-_ATTR = struct.Struct("=HH")
 RCVBUF = 8 << 20
-
-
-def _attrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    while start + 4 <= end:
-        length, attr_type = _ATTR.unpack_from(buf, start)
-        if length < 4:
-            break
-        out.setdefault(attr_type & 0x3FFF, buf[start + 4 : start + length])
-        start += (length + 3) & ~3
-    return out
 
 
 def _own_portids() -> set[int]:
@@ -137,7 +125,7 @@ class NftDriftWatch:
                 return
             if msg_type >> 8 == NFNL_SUBSYS_NFTABLES:
                 family = buf[offset + _HDR.size]
-                attrs = _attrs(buf, offset + _HDR.size + 4, offset + length)
+                attrs = parse_attrs(buf, offset + _HDR.size + 4, offset + length)
                 if msg_type & 0xFF == NFT_MSG_NEWGEN:
                     pid_raw = attrs.get(NFTA_GEN_PROC_PID)
                     pid = struct.unpack("!I", pid_raw)[0] if pid_raw and len(pid_raw) == 4 else 0
