@@ -251,6 +251,16 @@ def test_units_verify_and_hardening_score(box: Container) -> None:
     assert all(score <= 2.0 for score in scores.values()), scores
 
 
+def test_tproxyd_is_ordered_before_the_network(box: Container) -> None:
+    """Enabled at boot, tproxyd.service runs before network-pre.target (as firewalld does), which
+    NetworkManager waits for: with failure_policy closed its table (put in place before anything
+    slow, tests/e2e/test_core.py) blocks the proxied links before any of them comes up."""
+    assert "network-pre.target" in box.unit_property("tproxyd.service", "Before")
+    assert "network-pre.target" in box.unit_property("tproxyd.service", "Wants")
+    assert "network-pre.target" not in box.unit_property("tproxyd.service", "After")
+    assert "network-pre.target" in box.unit_property("NetworkManager.service", "After")
+
+
 def test_busctl_call_activates_tproxyd(box: Container) -> None:
     """The README's first command, as root: the call D-Bus-activates tproxyd.service (not
     enabled, not running), the rules go into the container's netns and the core starts.
