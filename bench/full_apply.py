@@ -196,7 +196,8 @@ def render(results: list[dict[str, Any]]) -> Report:
         [
             "Atomic replace of table `inet tproxyd` (sets, chains, rules). `ours` = "
             "`NftablesAdapter.replace(state)` from a built NftState (it runs `build_replace` on the "
-            "calling thread, then `json.dumps` and libnftables' JSON input on its worker thread); "
+            "calling thread, then `json.dumps` and libnftables' JSON input on its worker thread, around "
+            "which it reads the table's chain and set names and fills the link sets over netlink); "
             f"`{LIB_ONLY}` = only the libnftables call of that path, fed the already encoded document "
             "(shows what the Python side adds); `nft -f` = the same table as text (our own "
             "`nft list table` output after `table`/`delete table` lines), run as a process. "
