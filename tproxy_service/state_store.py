@@ -28,6 +28,8 @@ FILENAME = "state.json"
 VERSION = 1
 AUTO = "auto"  # persisted spelling of EnableLink's "" mode
 DISABLED = "disabled"  # overrides a [links] default
+# Far above any real file (a few bytes per link); anything larger is not ours.
+MAX_BYTES = 1 << 20
 CHOICE_VALUES = frozenset({*(m.value for m in LinkMode), AUTO, DISABLED})
 
 
@@ -85,16 +87,21 @@ class StateStore:
         for stale in self.path.parent.glob(f".{self.path.name}.*"):  # temp files of a crashed save
             stale.unlink(missing_ok=True)
         try:
-            text = self.path.read_text(encoding="utf-8")
+            with self.path.open("rb") as f:
+                raw = f.read(MAX_BYTES + 1)
         except FileNotFoundError:
             return Choices()
         except OSError as e:
             log.error("cannot read the saved choices %s (%s); using the config's defaults", self.path, e)
             return Choices()
+        if len(raw) > MAX_BYTES:
+            return self._set_aside(f"it is larger than {MAX_BYTES} bytes")
+        try:
+            return Choices.from_json(json.loads(raw.decode("utf-8")))
         except UnicodeDecodeError:
             return self._set_aside("it is not UTF-8 text")
-        try:
-            return Choices.from_json(json.loads(text))
+        except RecursionError:  # deeply nested JSON: json's parser recurses once per level
+            return self._set_aside("it is nested too deeply")
         except ValueError as e:  # json.JSONDecodeError is a ValueError
             return self._set_aside(str(e))
 

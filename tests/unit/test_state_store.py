@@ -44,7 +44,16 @@ def test_failed_save_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.Monk
 
 @pytest.mark.parametrize(
     "content",
-    [b"{", b"\xff", b"[]", b'{"version": 1, "links": {"a b": "host"}}', b'{"version": 1, "links": {"a": 1}}'],
+    [
+        b"{",
+        b"\xff",
+        b"[]",
+        b'{"version": 1, "links": {"a b": "host"}}',
+        b'{"version": 1, "links": {"a": 1}}',
+        b"[" * 100_000 + b"]" * 100_000,  # json's parser recurses: RecursionError, not ValueError
+        b'{"version": 1, "links": {}}' + b" " * (1 << 20),  # larger than any real state file
+    ],
+    ids=["truncated", "not-utf8", "not-an-object", "bad-name", "bad-choice", "deeply-nested", "huge"],
 )
 def test_corrupt_file_is_moved_aside_and_reported(
     tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
