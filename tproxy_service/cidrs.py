@@ -1,13 +1,15 @@
-"""Pure CIDR parsing and interval arithmetic (fast enough for 100k-line lists)."""
+"""CIDR parsing and interval arithmetic (fast enough for 100k-line lists), and the list files."""
 
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+from .bounded_read import read_lines
 from .errors import ConfigError
-from .model import AddressSet, Interval
+from .model import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_FILE_LINES, AddressSet, Interval
 
 BITS = {4: 32, 6: 128}
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
@@ -88,14 +90,16 @@ def parse_cidr_lines(lines: Iterable[str], source: str) -> AddressSet:
     return address_set(v4, v6)
 
 
-def load_cidr_file(path: Path) -> AddressSet:
-    try:
-        with path.open(encoding="utf-8") as f:
-            return parse_cidr_lines(f, str(path))
-    except OSError as e:
-        raise ConfigError(f"cannot read CIDR list file {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"CIDR list file {path} is not UTF-8 text") from None
+def load_cidr_file(
+    path: Path,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_lines: int = DEFAULT_MAX_FILE_LINES,
+    cancel: threading.Event | None = None,
+) -> AddressSet:
+    """A CIDR list file within the [bypass] limits; raises ConfigError, or Cancelled once
+    `cancel` is set."""
+    lines = read_lines(path, max_bytes, max_lines, "CIDR list file", "[bypass]", cancel)
+    return parse_cidr_lines(lines, str(path))
 
 
 def to_address(family: int, value: int) -> str:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import re
+import threading
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .bounded_read import read_text
 from .cidrs import load_cidr_file, parse_cidrs, union
 from .errors import ConfigError, InvalidArgument
 from .ifname import parse_mode, validate_ifname
 from .model import (
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_FILE_LINES,
     AddressSet,
     AutoPolicy,
     BypassSettings,
@@ -26,6 +30,7 @@ from .model import (
 from .nm_policy import POLICY_TYPES
 
 DEFAULT_PATH = Path("/etc/tproxyd/config.toml")
+MAX_CONFIG_BYTES = 1 << 20
 _RESERVED_ROUTE_TABLES = (0, 253, 254, 255)  # unspec, default, main, local
 
 
@@ -120,6 +125,8 @@ _BYPASS_KEYS: dict[str, Callable[[Any], str | None]] = {
     "files": lambda v: (
         None if isinstance(v, list) and all(isinstance(x, str) for x in v) else "must be a list of file paths"
     ),
+    "max_file_bytes": _int_in(1, 1 << 40),
+    "max_file_lines": _int_in(1, 1 << 40),
 }
 _CORE_KEYS: dict[str, Callable[[Any], str | None]] = {
     "supervise": _is_bool,
@@ -222,8 +229,11 @@ def _networkmanager(src: _Source, table: dict[str, Any]) -> NetworkManagerSettin
     return NetworkManagerSettings(enabled=table.get("enabled", True), auto=tuple(policies))
 
 
-def parse_config(text: str, name: str = "<config>", base: Path | None = None) -> Config:
-    """Parse and validate config text. CIDR list files named in it are read too."""
+def parse_config(
+    text: str, name: str = "<config>", base: Path | None = None, cancel: threading.Event | None = None
+) -> Config:
+    """Parse and validate config text. CIDR list files named in it are read too, within the
+    [bypass] limits; setting `cancel` abandons that (Cancelled)."""
     src = _Source(name, text)
     base = base or Path.cwd()
     try:
@@ -271,10 +281,13 @@ def parse_config(text: str, name: str = "<config>", base: Path | None = None) ->
     except ConfigError as e:
         line = src.line_of("bypass", "cidrs")
         raise ConfigError(f"{name}:{line}: {e}" if line else f"{name}: {e}") from None
+    max_bytes = bypass_t.get("max_file_bytes", DEFAULT_MAX_FILE_BYTES)
+    max_lines = bypass_t.get("max_file_lines", DEFAULT_MAX_FILE_LINES)
     try:
-        user_bypass: AddressSet = union(user_cidrs, *(load_cidr_file(f) for f in files))
-    except ConfigError as e:  # a missing or bad list: which key of which config brought it in
+        lists = [load_cidr_file(f, max_bytes, max_lines, cancel) for f in files]
+    except ConfigError as e:  # a missing, bad or oversized list: which key of which config brought it in
         raise src.error("bypass", "files", str(e)) from None
+    user_bypass: AddressSet = union(user_cidrs, *lists)
 
     return Config(
         path=None,
@@ -288,6 +301,8 @@ def parse_config(text: str, name: str = "<config>", base: Path | None = None) ->
             local_min_prefix6=bypass_t.get("local_min_prefix6", 48),
             cidrs=cidrs,
             files=files,
+            max_file_bytes=max_bytes,
+            max_file_lines=max_lines,
         ),
         links=links,
         core=CoreSettings(
@@ -303,12 +318,9 @@ def parse_config(text: str, name: str = "<config>", base: Path | None = None) ->
     )
 
 
-def load_config(path: Path) -> Config:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text") from None
-    config = parse_config(text, str(path), path.parent)
+def load_config(path: Path, cancel: threading.Event | None = None) -> Config:
+    """The config file and the list files it names; raises ConfigError, or Cancelled once
+    `cancel` is set (blocking: the daemon calls it in a thread)."""
+    text = read_text(path, MAX_CONFIG_BYTES, "config file", "a config is at most 1 MiB")
+    config = parse_config(text, str(path), path.parent, cancel)
     return Config(**{**config.__dict__, "path": path})

@@ -40,19 +40,25 @@ class Control:
         self,
         engine: Engine,
         store: StateStore,
-        reload: Callable[[], Awaitable[int]],
+        read_config: Callable[[], Awaitable[Config]],
+        apply_config: Callable[[Config], Awaitable[int]],
         refresh: Callable[[], Awaitable[None]] | None = None,
         warnings: Callable[[], tuple[str, ...]] = tuple,
     ) -> None:
-        """`refresh` re-reads facts kept outside the kernel (NetworkManager's) before a Reapply;
-        `warnings` says what the admin should know about the running config (the core's DNS)."""
+        """`read_config` reads and validates the config file (slow: list files; raises
+        ConfigError); `apply_config` puts a read config in place and returns the engine ticket
+        of the pass that applies it. `refresh` re-reads facts kept outside the kernel
+        (NetworkManager's) before a Reapply; `warnings` says what the admin should know about the
+        running config (the core's DNS)."""
         self._engine = engine
         self._warnings = warnings
         self._store = store
-        self._reload = reload
+        self._read_config = read_config
+        self._apply_config = apply_config
         self._refresh = refresh
         self._choices = Choices()
         self._lock = asyncio.Lock()
+        self._reload_lock = asyncio.Lock()
         self._listeners: list[Callable[[], None]] = []
 
     # --- what the bus reads --------------------------------------------------------------------
@@ -126,15 +132,19 @@ class Control:
             raise KernelError(f"re-applying the rules failed: {status.last_error}")
 
     async def reload(self) -> None:
-        """Raises ConfigError for a bad config (nothing changed), KernelError when the kernel
-        refused the new rules (the previous config is then restored)."""
-        async with self._lock:
-            previous = self._engine.config
-            status = await self._engine.wait_for(await self._reload())
-            if status.state is ServiceState.FAILED:
-                error = status.last_error
-                await self._engine.wait_for(self.use_config(previous))
-                raise KernelError(f"applying the new config failed, the previous one is kept: {error}")
+        """The one reload path (D-Bus Reload and SIGHUP). Raises ConfigError for a bad config
+        (nothing changed), KernelError when the kernel refused the new rules (the previous
+        config is then restored). Reading the files happens outside the change lock, so
+        toggles go on meanwhile; reloads take turns."""
+        async with self._reload_lock:
+            config = await self._read_config()
+            async with self._lock:
+                previous = self._engine.config
+                status = await self._engine.wait_for(await self._apply_config(config))
+                if status.state is ServiceState.FAILED:
+                    error = status.last_error
+                    await self._engine.wait_for(await self._apply_config(previous))
+                    raise KernelError(f"applying the new config failed, the previous one is kept: {error}")
 
     async def _change(self, update: Callable[[Choices], Choices], release_policy: str | None = None) -> None:
         async with self._lock:

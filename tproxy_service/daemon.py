@@ -1,7 +1,7 @@
 """tproxyd: the composition root. Wires config, kernel adapters, monitors and the engine;
 handles signals: SIGTERM/SIGINT remove everything of ours (with failure_policy closed, keep the
-diversion as a kill switch) and exit 0, SIGHUP re-reads the config (a bad one is refused and the
-running state kept)."""
+diversion as a kill switch) and exit 0, abandoning a reload in progress; SIGHUP reloads exactly
+as D-Bus Reload does (a bad config is refused and the running state kept)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,18 @@ import gc
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
+from .bounded_read import Cancelled
 from .bus import service as bus_service
 from .config import DEFAULT_PATH, load_config
 from .control import Control
 from .core.supervisor import CoreSupervisor
 from .core.systemd import SystemdUnit, UnitStatus
 from .engine import Engine, EngineStatus
-from .errors import ConfigError
+from .errors import ConfigError, TproxydError
 from .kernel.admission import FirewallAdmission
 from .kernel.facts import FactsReader
 from .kernel.nft import NftablesAdapter
@@ -47,11 +49,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "follows links and addresses as they change, and heals its table, rules and routes if "
             "someone deletes them. Runs in the foreground; SIGTERM removes everything it added "
             "(with failure_policy = closed it keeps blocking the proxied links until `tproxyctl off`, "
-            "DisableLink or `make uninstall`), SIGHUP re-reads the config."
+            "DisableLink or `make uninstall`; a reload in progress is abandoned), SIGHUP reloads the "
+            "config exactly like D-Bus Reload. Files are read only if regular and within their limits "
+            "(config 1 MiB; each bypass list [bypass] max_file_bytes, default 64 MiB, and "
+            "max_file_lines, default 1,000,000)."
         ),
     )
     parser.add_argument("--config", type=Path, default=DEFAULT_PATH, help=f"config file (TOML; default {DEFAULT_PATH})")
-    parser.add_argument("--check", action="store_true", help="validate the config (and CIDR files), then exit")
+    parser.add_argument(
+        "--check", action="store_true", help="validate the config (and CIDR files, within their limits), then exit"
+    )
     parser.add_argument(
         "--release",
         action="store_true",
@@ -96,8 +103,16 @@ class Daemon:
         # NetworkManager (or with [networkmanager] enabled = false) links follow netlink alone.
         self.nm: NetworkManagerMonitor | None = None
         self._stop = asyncio.Event()
+        self._cancel_reads = threading.Event()
         # D-Bus choices (persisted) over the config's [links] defaults; the bus is optional.
-        self.control = Control(self.engine, StateStore(config.state_dir), self.reload, self._refresh_nm, self._warnings)
+        self.control = Control(
+            self.engine,
+            StateStore(config.state_dir),
+            self._read_config,
+            self._apply_config,
+            self._refresh_nm,
+            self._warnings,
+        )
         self.bus: bus_service.BusService | None = None
         self.engine.add_listener(self._notify_status)
 
@@ -134,30 +149,43 @@ class Daemon:
         if self.nm is not None:
             await self.nm.refresh()
 
-    async def reload(self) -> int:
-        """Re-read the config and CIDR files; raises ConfigError (running state kept) when bad.
-        Returns the engine ticket of the pass that applies it."""
+    async def _read_config(self) -> Config:
+        """Re-read the config and its list files in a thread (bounded; abandoned on SIGTERM)."""
         path = self.engine.config.path
         assert path is not None
-        config = await asyncio.to_thread(load_config, path)
+        log.info("reloading the config from %s", path)
+        return await asyncio.to_thread(load_config, path, self._cancel_reads)
+
+    async def _apply_config(self, config: Config) -> int:
+        """Put a read config in place; raises ConfigError (running state kept) when the core
+        refuses it. Returns the engine ticket of the pass that applies it."""
         if self.core is not None:
             await self.core.reload(config)  # ConfigError here: the running core is untouched
-        log.info("config reloaded from %s", path)
         await self._follow_nm(config.networkmanager.enabled)
         ticket = self.control.use_config(config)
         gc.freeze()  # see run()
+        log.info("config from %s in place", config.path)
         return ticket
 
     async def _reload_on_sighup(self) -> None:
+        """SIGHUP is D-Bus Reload without the caller: the same lock, the same rollback."""
         try:
-            await self.reload()
+            await self.control.reload()
+        except Cancelled:
+            pass
         except ConfigError as e:
             log.error("config error, keeping the running configuration: %s", e)
+        except TproxydError as e:  # the kernel refused it: rolled back
+            log.error("reload failed: %s", e)
+
+    def _on_sigterm(self) -> None:
+        self._cancel_reads.set()  # a reload reading a huge list gives up at once
+        self._stop.set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
-        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
+        loop.add_signal_handler(signal.SIGINT, self._on_sigterm)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._reload_on_sighup()))
         self.control.restore()
         if self.engine.config.tproxy.failure_policy is FailurePolicy.CLOSED:

@@ -73,6 +73,11 @@ class TproxySettings:
     failure_policy: FailurePolicy = FailurePolicy.OPEN
 
 
+# Per [bypass] file: a full BGP table is ~1M prefixes; parsing 1M lines takes seconds.
+DEFAULT_MAX_FILE_BYTES = 64 << 20
+DEFAULT_MAX_FILE_LINES = 1_000_000
+
+
 @dataclass(frozen=True)
 class BypassSettings:
     reserved: bool = True
@@ -83,6 +88,8 @@ class BypassSettings:
     local_min_prefix6: int = 48
     cidrs: tuple[str, ...] = ()
     files: tuple[Path, ...] = ()
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    max_file_lines: int = DEFAULT_MAX_FILE_LINES
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import os
+import re
+import threading
 from pathlib import Path
 
 import pytest
 
+from tproxy_service.bounded_read import Cancelled
 from tproxy_service.cidrs import load_cidr_file, merge, parse_cidr, parse_cidr_lines
 from tproxy_service.errors import ConfigError
-from tproxy_service.model import Interval
+from tproxy_service.model import DEFAULT_MAX_FILE_BYTES, Interval
 
 
 def test_parse_cidr_normalizes_host_bits_and_bare_addresses() -> None:
@@ -57,3 +61,45 @@ def test_100k_lines_load(tmp_path: Path) -> None:
     path.write_text("".join(f"{a}.{b}.{c}.0/24\n" for a in (11, 12) for b in range(200) for c in range(250)))
     s = load_cidr_file(path)
     assert sum(iv.last - iv.first + 1 for iv in s.v4) == 100_000 * 256
+
+
+# --- bounded reading: what a hostile or careless path may name -----------------------------------
+
+
+def test_only_regular_files_are_read(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # nobody writes to it: a naive open() would wait forever
+    for path, kind in ((Path("/dev/zero"), "a character device"), (fifo, "a FIFO"), (tmp_path, "a directory")):
+        with pytest.raises(ConfigError, match=f"CIDR list file {re.escape(str(path))} is {kind}; only regular"):
+            load_cidr_file(path)
+
+
+def test_size_limit_is_checked_before_reading(tmp_path: Path) -> None:
+    path = tmp_path / "huge.txt"
+    with path.open("wb") as f:
+        f.truncate(200 << 20)  # sparse: 200 MB that cost no disk and would take seconds to parse
+    expected = rf"{re.escape(str(path))} is larger than {DEFAULT_MAX_FILE_BYTES} bytes \(\[bypass\] max_file_bytes\)"
+    with pytest.raises(ConfigError, match=expected):
+        load_cidr_file(path)
+    small = tmp_path / "small.txt"
+    small.write_text("198.51.100.0/24\n")
+    with pytest.raises(ConfigError, match=r"larger than 10 bytes"):
+        load_cidr_file(small, max_bytes=10)
+    assert load_cidr_file(small, max_bytes=16).v4
+
+
+def test_line_limit(tmp_path: Path) -> None:
+    path = tmp_path / "list.txt"
+    path.write_text("198.51.100.0/24\n# two\n203.0.113.0/24")  # the last line has no newline
+    with pytest.raises(ConfigError, match=r"list\.txt has more than 2 lines \(\[bypass\] max_file_lines\)"):
+        load_cidr_file(path, max_lines=2)
+    assert len(load_cidr_file(path, max_lines=3).v4) == 2
+
+
+def test_a_set_cancel_flag_abandons_the_parse(tmp_path: Path) -> None:
+    path = tmp_path / "list.txt"
+    path.write_text("198.51.100.0/24\n" * 10_000)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        load_cidr_file(path, cancel=cancel)

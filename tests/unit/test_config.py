@@ -171,3 +171,24 @@ def test_errors_name_key_and_line(tmp_path: Path, text: str, expected: str) -> N
 def test_unreadable_config(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_bypass_file_limits_are_keys(tmp_path: Path) -> None:
+    (tmp_path / "list.txt").write_text("198.51.100.0/24\n203.0.113.0/24\n")
+    text = '[bypass]\nfiles = ["list.txt"]\nmax_file_lines = 1\n'
+    with pytest.raises(ConfigError, match=r"list\.txt has more than 1 lines \(\[bypass\] max_file_lines\)"):
+        parse_config(text, "c.toml", tmp_path)
+    config = parse_config(text.replace("= 1", "= 2") + "max_file_bytes = 64\n", "c.toml", tmp_path)
+    assert (config.bypass.max_file_lines, config.bypass.max_file_bytes) == (2, 64)
+    assert len(config.user_bypass.v4) == 2
+    with pytest.raises(ConfigError, match=r"c\.toml:4: bypass\.max_file_bytes: must be between 1 and"):
+        parse_config(text + "max_file_bytes = 0\n", "c.toml", tmp_path)
+
+
+def test_config_file_that_is_not_a_regular_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file /dev/zero is a character device; only regular files"):
+        load_config(Path("/dev/zero"))
+    big = tmp_path / "big.toml"
+    big.write_text("#" * (2 << 20))
+    with pytest.raises(ConfigError, match=r"big\.toml is larger than 1048576 bytes"):
+        load_config(big)

@@ -22,10 +22,14 @@ def make(tmp_path: Path, links: dict[str, LinkMode] | None = None) -> tuple[Cont
     engine = Engine(Config(links=links or {"eth0": LinkMode.LAN}), nft, routing, FakeFacts())
     store = StateStore(tmp_path)
 
-    async def reload() -> int:
+    async def read_config() -> Config:
+        return engine.config
+
+    async def apply_config(config: Config) -> int:
+        engine.set_config(config)
         return engine.request("reload")
 
-    return Control(engine, store, reload), engine, routing, store
+    return Control(engine, store, read_config, apply_config), engine, routing, store
 
 
 def test_mode_argument() -> None:

@@ -91,14 +91,18 @@ def test_auto_choice_follows_the_connection_on_the_link() -> None:
 
 
 def control_for(engine: Engine, tmp_path: Path, refreshed: list[str] | None = None) -> Control:
-    async def reload() -> int:
+    async def read_config() -> Config:
+        return engine.config
+
+    async def apply_config(config: Config) -> int:
+        engine.set_config(config)
         return engine.request("reload")
 
     async def refresh() -> None:
         if refreshed is not None:
             refreshed.append("refresh")
 
-    return Control(engine, StateStore(tmp_path), reload, refresh)
+    return Control(engine, StateStore(tmp_path), read_config, apply_config, refresh)
 
 
 def test_disable_of_a_policy_link_lasts_until_its_connection_leaves(tmp_path: Path) -> None:

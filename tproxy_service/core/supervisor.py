@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Protocol
 
 from ..atomic_file import write_atomic
+from ..bounded_read import read_text
 from ..errors import ConfigError
 from ..kernel.sockets import core_listening
 from ..model import Config, CoreStatus
@@ -29,6 +30,7 @@ READY_POLL = 0.02  # s between socket checks while the unit is active but not ye
 WATCH_POLL = 0.5  # s between socket checks of a ready core
 TEST_TIMEOUT = 20.0
 _CITED_LINE = re.compile(r"at line (\d+) char \d+")
+MAX_CORE_CONFIG_BYTES = 16 << 20
 RETRY_UNREACHABLE = 5.0  # s between attempts to reach an unreachable systemd manager
 
 
@@ -49,10 +51,10 @@ async def render_checked(config: Config) -> tuple[str, tuple[str, ...]]:
     source = str(core.config) if core.config else "the built-in core config"
     user = None
     if core.config is not None:
-        try:
-            user = parse_user_config(core.config.read_text(encoding="utf-8"), source)
-        except OSError as e:
-            raise ConfigError(f"cannot read core config {core.config}: {e.strerror}") from None
+        text = await asyncio.to_thread(
+            read_text, core.config, MAX_CORE_CONFIG_BYTES, "core config", "a core config is at most 16 MiB"
+        )
+        user = parse_user_config(text, source)
     merged = build_core_config(user, config.tproxy, source, core.sniffing)
     text = render(merged)
     warnings = dns_warnings(user, config.tproxy, inbound_tags(config.tproxy))
