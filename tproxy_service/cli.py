@@ -24,6 +24,7 @@ from .bus.names import (
     DBUS_NAME,
     DBUS_PATH,
     ERROR_ACCESS_DENIED,
+    ERROR_BUSY,
     ERROR_FAILED,
     ERROR_INVALID_ARGUMENT,
     ERROR_INVALID_CONFIG,
@@ -39,12 +40,14 @@ EXIT_INVALID = 3  # bad interface name or mode
 EXIT_DENIED = 4  # polkit said no
 EXIT_CONFIG = 5  # reload: the config file is invalid (the running one is kept)
 EXIT_UNREACHABLE = 6  # no system bus, or tproxyd is not running
+EXIT_BUSY = 7  # too many calls in flight (tproxyd refused this one at once): retry later
 
 _EXIT_FOR_ERROR = {
     ERROR_FAILED: EXIT_FAILED,
     ERROR_INVALID_ARGUMENT: EXIT_INVALID,
     ERROR_ACCESS_DENIED: EXIT_DENIED,
     ERROR_INVALID_CONFIG: EXIT_CONFIG,
+    ERROR_BUSY: EXIT_BUSY,
     "org.freedesktop.DBus.Error.ServiceUnknown": EXIT_UNREACHABLE,
     "org.freedesktop.DBus.Error.NameHasNoOwner": EXIT_UNREACHABLE,
     "org.freedesktop.DBus.Error.NoReply": EXIT_UNREACHABLE,
@@ -85,6 +88,8 @@ exit status:
   {EXIT_DENIED}  not authorized (polkit)
   {EXIT_CONFIG}  reload: the config file is invalid (the running configuration is kept)
   {EXIT_UNREACHABLE}  the system bus or tproxyd is not reachable
+  {EXIT_BUSY}  tproxyd is busy (too many calls in flight from this connection or from unprivileged
+     callers); nothing was done, retry later
 
 examples:
   tproxyctl enable wlan0 --mode host

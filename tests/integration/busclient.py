@@ -5,6 +5,7 @@
         every connection sends CALLS calls at once, cycling through the given calls;
         -> {"counts": {error name or "ok": n}, "seconds": s}
     busclient.py interactive MEMBER SIGNATURE ARGS_JSON   one call with ALLOW_INTERACTIVE_AUTHORIZATION
+    busclient.py hold   connect, print the connection's unique name (one line), stay until stdin closes
 
 Stdout is one JSON document; the tests compare error names, so nothing else is printed."""
 
@@ -69,8 +70,18 @@ async def interactive(member: str, signature: str, args: list[Any]) -> dict[str,
         bus.disconnect()
 
 
+async def hold() -> None:
+    bus = await connect_system_bus()
+    print(bus.unique_name, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    bus.disconnect()
+
+
 def main() -> None:
     mode = sys.argv[1]
+    if mode == "hold":
+        asyncio.run(hold())
+        return
     if mode == "batch":
         result: Any = asyncio.run(batch(json.load(sys.stdin)))
     elif mode == "flood":

@@ -447,13 +447,15 @@ def as_user(
     )
 
 
-def user_popen(user: User, args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+def user_popen(
+    user: User, args: list[str], env: dict[str, str], stdin: int = subprocess.DEVNULL
+) -> subprocess.Popen[str]:
     prefix = [] if user.uid == 0 else ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups"]
     return subprocess.Popen(
         [*prefix, *args],
         env={**env, "HOME": "/nonexistent"},
         cwd="/",
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

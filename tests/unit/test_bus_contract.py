@@ -9,7 +9,7 @@ from pathlib import Path
 from dbus_fast import Message
 
 from tproxy_service.bus import names
-from tproxy_service.bus.errors import NotAuthorized, error_reply
+from tproxy_service.bus.errors import Busy, NotAuthorized, error_reply
 from tproxy_service.bus.spec import METHODS, introspect_node
 from tproxy_service.errors import ConfigError, InvalidArgument, KernelError, TproxydError
 
@@ -55,6 +55,9 @@ def test_errors_map_to_documented_names_with_one_sentence() -> None:
         KernelError("applying failed"): names.ERROR_FAILED,
         TproxydError("could not save"): names.ERROR_FAILED,
         NotAuthorized("not authorized to toggle tproxyd (polkit)"): names.ERROR_ACCESS_DENIED,
+        Busy("tproxyd is busy: this connection already has 16 calls in flight; wait for their replies"): (
+            names.ERROR_BUSY
+        ),
     }
     for exc, name in cases.items():
         reply = error_reply(call, exc)

@@ -58,5 +58,5 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_exit_codes_are_distinct() -> None:
     codes = [cli.EXIT_OK, cli.EXIT_FAILED, cli.EXIT_USAGE, cli.EXIT_INVALID, cli.EXIT_DENIED, cli.EXIT_CONFIG,
-             cli.EXIT_UNREACHABLE]  # fmt: skip
+             cli.EXIT_UNREACHABLE, cli.EXIT_BUSY]  # fmt: skip
     assert len(set(codes)) == len(codes)

@@ -1,16 +1,20 @@
-"""Authorization of D-Bus callers with polkit.
+"""Authorization of D-Bus callers: uid 0 without polkit, everyone else with polkit.
 
-The subject is the caller's unique bus name (dbus-fast's @method handlers do not see it, so the
-service passes the raw message in). AllowUserInteraction follows the message's
-ALLOW_INTERACTIVE_AUTHORIZATION flag. Everything fails closed: a polkit error or timeout is a
-denial with the reason in the message. When polkitd is not on the bus at all, only uid 0 is
-allowed (asked from the bus, logged once)."""
+The caller's uid is asked from the bus (GetConnectionUnixUser, as systemd's own services do) and
+remembered per unique name (the bus never reuses one); root is allowed at once, so no flood of
+others' calls in front of polkit can keep root out. Others are authorized by polkit for their
+unique bus name (dbus-fast's @method handlers do not see it, so the service passes the raw message
+in); AllowUserInteraction follows the message's ALLOW_INTERACTIVE_AUTHORIZATION flag. Everything
+fails closed: a polkit error is a denial with the reason in the message, and a polkitd that is
+not on the bus, dies during the check or does not answer in time counts as no polkit at all:
+nobody but root is allowed (logged once)."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
+from collections import OrderedDict
 
 from dbus_fast import Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
@@ -30,8 +34,16 @@ from .names import (
 log = logging.getLogger(__name__)
 
 VERBS = {ACTION_TOGGLE: "toggle", ACTION_CONFIGURE: "configure"}
-_POLKIT_ABSENT = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner")
+# polkitd not on the bus, or gone in the middle of our call.
+_POLKIT_ABSENT = (
+    "org.freedesktop.DBus.Error.ServiceUnknown",
+    "org.freedesktop.DBus.Error.NameHasNoOwner",
+    "org.freedesktop.DBus.Error.NoReply",
+    "org.freedesktop.DBus.Error.Disconnected",
+)
 _ALLOW_USER_INTERACTION = 1  # polkit CheckAuthorizationFlags
+UID_LOOKUPS_IN_FLIGHT = 16  # GetConnectionUnixUser calls at once; the bus answers them at once
+_UIDS_REMEMBERED = 1024
 
 
 class Authorizer:
@@ -42,6 +54,33 @@ class Authorizer:
         self._interactive_timeout = interactive_timeout
         self._ids = itertools.count(1)
         self._warned_no_polkit = False
+        self._uids: OrderedDict[str, int] = OrderedDict()
+        self._lookups = asyncio.Semaphore(UID_LOOKUPS_IN_FLIGHT)
+
+    async def is_root(self, sender: str) -> bool:
+        """Whether the connection `sender` belongs to uid 0 (False when the bus cannot say)."""
+        uid = self._uids.get(sender)
+        if uid is None:
+            request = Message(
+                destination=DBUS_NAME,
+                path=DBUS_PATH,
+                interface=DBUS_IFACE,
+                member="GetConnectionUnixUser",
+                signature="s",
+                body=[sender],
+            )
+            async with self._lookups:
+                try:
+                    reply = await asyncio.wait_for(self._bus.call(request), self._timeout)
+                except Exception:
+                    return False
+            if reply.message_type is not MessageType.METHOD_RETURN:
+                return False
+            uid = int(reply.body[0])
+            self._uids[sender] = uid
+            if len(self._uids) > _UIDS_REMEMBERED:
+                self._uids.popitem(last=False)
+        return uid == 0
 
     async def check(self, call: Message, action: str) -> None:
         """Return if the sender of `call` may perform `action`, else raise NotAuthorized."""
@@ -49,6 +88,8 @@ class Authorizer:
         sender = call.sender
         if not sender:  # only a peer-to-peer connection has none; we never serve those
             raise NotAuthorized(f"not authorized to {verb} tproxyd: the caller is unknown")
+        if await self.is_root(sender):
+            return
         interactive = bool(call.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
         cancel_id = f"tproxyd-{next(self._ids)}"
         request = Message(
@@ -70,17 +111,15 @@ class Authorizer:
             reply = await asyncio.wait_for(self._bus.call(request), timeout)
         except TimeoutError:
             self._cancel(cancel_id)
-            raise NotAuthorized(
-                f"not authorized to {verb} tproxyd: polkit did not answer within {timeout:g} seconds"
-            ) from None
+            raise self._no_polkit(verb, f"polkit did not answer within {timeout:g} seconds") from None
         except Exception as e:  # the bus connection failed under us
             raise NotAuthorized(f"not authorized to {verb} tproxyd: could not ask polkit ({e})") from None
         if reply.message_type is MessageType.ERROR:
             if reply.error_name in _POLKIT_ABSENT:
-                await self._root_only(sender, verb)
-                return
+                raise self._no_polkit(verb, "polkit is not running")
             detail = reply.body[0] if reply.body and isinstance(reply.body[0], str) else reply.error_name
             raise NotAuthorized(f"not authorized to {verb} tproxyd: polkit failed ({detail})")
+        self._warned_no_polkit = False  # polkit answers: warn again at its next outage
         authorized, challenge, _details = reply.body[0]
         if authorized:
             return
@@ -89,25 +128,12 @@ class Authorizer:
             raise NotAuthorized(f"not authorized to {verb} tproxyd (polkit): authentication is required")
         raise NotAuthorized(f"not authorized to {verb} tproxyd (polkit)")
 
-    async def _root_only(self, sender: str, verb: str) -> None:
+    def _no_polkit(self, verb: str, why: str) -> NotAuthorized:
+        """polkitd missing, dead or hung: like no polkit at all, only root (already let through)."""
         if not self._warned_no_polkit:
-            log.warning("polkit is not on the system bus: only root may change tproxyd")
+            log.warning("%s: only root may change tproxyd until polkit answers again", why)
             self._warned_no_polkit = True
-        request = Message(
-            destination=DBUS_NAME,
-            path=DBUS_PATH,
-            interface=DBUS_IFACE,
-            member="GetConnectionUnixUser",
-            signature="s",
-            body=[sender],
-        )
-        try:
-            reply = await asyncio.wait_for(self._bus.call(request), self._timeout)
-        except Exception:
-            reply = None
-        if reply is not None and reply.message_type is MessageType.METHOD_RETURN and reply.body[0] == 0:
-            return
-        raise NotAuthorized(f"not authorized to {verb} tproxyd: polkit is not running, so only root may")
+        return NotAuthorized(f"not authorized to {verb} tproxyd: {why}, so only root may")
 
     def _cancel(self, cancel_id: str) -> None:
         self._bus.send(

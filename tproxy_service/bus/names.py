@@ -12,6 +12,7 @@ MANAGER_IFACE: Final = "io.github.Tproxyd.Manager1"
 ERROR_INVALID_ARGUMENT: Final = "io.github.Tproxyd.Error.InvalidArgument"
 ERROR_INVALID_CONFIG: Final = "io.github.Tproxyd.Error.InvalidConfig"
 ERROR_FAILED: Final = "io.github.Tproxyd.Error.Failed"
+ERROR_BUSY: Final = "io.github.Tproxyd.Error.Busy"  # too many calls in flight: retry later
 # ... and the standard ones we send.
 ERROR_ACCESS_DENIED: Final = "org.freedesktop.DBus.Error.AccessDenied"
 ERROR_INVALID_ARGS: Final = "org.freedesktop.DBus.Error.InvalidArgs"  # wrong signature

@@ -2,7 +2,8 @@
 
 One low-level message handler serves the object's methods and properties, because dbus-fast's
 @method handlers do not see the caller's unique name, which polkit needs. Each method call runs
-as a task: check the signature, validate the arguments, authorize, call Control, reply. Any
+as a task: check the signature, validate the arguments, admit it (or refuse it at once with Busy:
+admission.py), authorize, call Control, reply. Any
 change of a property value is sent in PropertiesChanged with its new value."""
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..control import Control, parse_mode_argument
 from ..errors import TproxydError
 from ..ifname import validate_ifname
 from ..state_store import AUTO
+from .admission import Admission
 from .auth import Authorizer
 from .connection import connect_system_bus
 from .errors import error_reply
@@ -66,6 +68,7 @@ class BusService:
         self._bus = bus
         self._control = control
         self._auth = Authorizer(bus)
+        self._admission = Admission()
         self._ready = False
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -160,10 +163,14 @@ class BusService:
         return control.reload
 
     async def _call(self, msg: Message, spec: MethodSpec) -> None:
+        sender = msg.sender or ""
         try:
             operation = self._prepare(spec, msg.body)
-            await self._auth.check(msg, spec.action)
-            await operation()
+            with self._admission.connection(sender):
+                root = await self._auth.is_root(sender)
+                with contextlib.nullcontext() if root else self._admission.unprivileged():
+                    await self._auth.check(msg, spec.action)
+                    await operation()
             reply = Message.new_method_return(msg)
         except Exception as e:
             reply = error_reply(msg, e)
