@@ -145,6 +145,14 @@ class Daemon:
             log.info("not following NetworkManager ([networkmanager] enabled = false)")
             self.engine.set_network(NmFacts(), "stopped following NetworkManager")
 
+    async def _bus_back(self) -> None:
+        """The system bus came (back): NetworkManager is followed on a connection of its own,
+        which the same event ended, so follow it anew."""
+        if self.nm is not None:
+            await self.nm.stop()
+            self.nm = None
+        await self._follow_nm(self.engine.config.networkmanager.enabled)
+
     async def _refresh_nm(self) -> None:
         if self.nm is not None:
             await self.nm.refresh()
@@ -194,7 +202,7 @@ class Daemon:
         if self.core is not None:
             await self.core.prepare(self.engine.config)
         # Own the name before touching the kernel: a second tproxyd stops here (AlreadyRunning).
-        self.bus = await bus_service.start(self.control)
+        self.bus = await bus_service.start(self.control, self._bus_back)
         # Subscribe before the first read so no change between the two is missed.
         await self.monitor.start()
         # Before the first pass, so a restart keeps the links NetworkManager's policies hold.

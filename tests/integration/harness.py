@@ -168,8 +168,16 @@ class PrivateBus:
         (self.dir / "bus.conf").write_text(BUS_CONF.format(dir=self.dir, extra_listen=""))
         shutil.copy(SHIPPED_BUS_POLICY, self.dir / "system.d")
         shutil.copy(DEBIAN_POLKIT_BUS_POLICY, self.dir / "system.d")
+        self._spawn()
+
+    def restart(self) -> None:
+        """Stop dbus-daemon and start a new one on the same socket: every connection is lost."""
+        self.stop()
+        self._spawn()
+
+    def _spawn(self) -> None:
         read_fd, write_fd = os.pipe()
-        with (self.dir / "daemon.log").open("wb") as log:
+        with (self.dir / "daemon.log").open("ab") as log:
             self.proc = subprocess.Popen(
                 ["dbus-daemon", f"--config-file={self.dir / 'bus.conf'}", "--nofork", "--nopidfile",
                  f"--print-address={write_fd}"],

@@ -146,6 +146,39 @@ def test_losing_the_bus_keeps_the_daemon_running(bus_without_polkit: h.PrivateBu
         assert daemon.netns.nft_table() == ""
 
 
+def test_restarted_bus_gets_the_name_back(bus_without_polkit: h.PrivateBus) -> None:
+    """dbus-daemon restarted: tproxyd keeps its rules, reconnects and owns its name again."""
+    bus = bus_without_polkit
+    with h.daemon_in_netns(bus, {h.LINK_A: "host"}) as daemon:
+        daemon.start()
+        table = daemon.netns.nft_table()
+        for _ in range(2):  # and again: the reconnected connection is watched as well
+            bus.restart()
+            h.wait_until(lambda: bus.has_owner(names.BUS_NAME), 20, "tproxyd to own its name on the new bus")
+            assert daemon.alive() and daemon.netns.nft_table() == table
+            assert bus.properties()["State"] == "active"
+        assert one(h.ROOT, bus, ["EnableLink", "ss", [h.LINK_B, "lan"]])["error"] is None
+        assert '"tpdv1"' in daemon.netns.nft_table()
+        assert daemon.log.read_text().count("lost the system bus connection; the rules stay") == 2
+
+
+def test_bus_that_appears_after_the_start(stack: h.Stack) -> None:
+    """No bus at start (say, tproxyd ordered before dbus at boot): it owns its name once one is up."""
+    workdir = h.new_workdir()
+    late = h.PrivateBus(workdir)
+    try:
+        with h.daemon_in_netns(stack.bus, {h.LINK_A: "host"}) as daemon:
+            daemon.start(wait=False, env={"DBUS_SYSTEM_BUS_ADDRESS": late.address})
+            h.wait_until(lambda: "tproxyd ready" in daemon.log.read_text(), 20, "tproxyd ready without a bus")
+            assert "no system bus" in daemon.log.read_text()
+            late.start()
+            h.wait_until(lambda: late.has_owner(names.BUS_NAME), 20, "tproxyd to own its name on the late bus")
+            assert late.properties()["ActiveLinks"] == [h.LINK_A]
+    finally:
+        late.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def test_dbus_activation(make_daemon: MakeDaemon, bus: h.PrivateBus) -> None:
     """The shipped activation file, with only Exec= pointed at this checkout (and the test's
     namespace), starts tproxyd on the first call, made by a plain user."""

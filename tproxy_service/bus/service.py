@@ -3,8 +3,9 @@
 One low-level message handler serves the object's methods and properties, because dbus-fast's
 @method handlers do not see the caller's unique name, which polkit needs. Each method call runs
 as a task: check the signature, validate the arguments, admit it (or refuse it at once with Busy:
-admission.py), authorize, call Control, reply. Any
-change of a property value is sent in PropertiesChanged with its new value."""
+admission.py), authorize, call Control, reply. Any change of a property value is sent in
+PropertiesChanged with its new value. When the bus goes away (dbus-daemon restarted) or is not
+there yet, a keeper task connects again with a backoff and owns the name again."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from dbus_fast import Message, MessageFlag, MessageType, NameFlag, RequestNameReply, Variant
@@ -46,6 +48,8 @@ from .names import (
 from .spec import METHODS_BY_NAME, PROPERTIES, PROPERTIES_BY_NAME, MethodSpec, introspect_manager, introspect_node
 
 log = logging.getLogger(__name__)
+RECONNECT_FIRST = 0.25  # s before the first attempt to reach the bus again; doubles up to:
+RECONNECT_MAX = 30.0
 
 
 class AlreadyRunning(TproxydError):
@@ -63,15 +67,36 @@ class _Introspection(ServiceInterface):
         return introspect_manager()
 
 
+@dataclass
+class _Connection:
+    """One connection to the bus. Unique names are per bus instance, so what we know about
+    callers (their uids, their calls in flight) belongs to the connection; replies go back on
+    the connection the call came in on."""
+
+    bus: MessageBus
+    auth: Authorizer
+    admission: Admission = field(default_factory=Admission)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
+        for task in self.tasks:
+            task.cancel()
+        self.bus.disconnect()
+
+
 class BusService:
-    def __init__(self, bus: MessageBus, control: Control) -> None:
-        self._bus = bus
+    def __init__(self, control: Control, on_reconnect: Callable[[], Awaitable[None]] | None = None) -> None:
+        """`on_reconnect` runs after the name is owned again on a new connection (the bus
+        restarted, or appeared after we started)."""
         self._control = control
-        self._auth = Authorizer(bus)
-        self._admission = Admission()
+        self._on_reconnect = on_reconnect
+        self._conn: _Connection | None = None
         self._ready = False
         self._closed = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._keeper: asyncio.Task[None] | None = None
+        self._why = ""  # why the last connect() failed
         self._emitted = self._values()
         self._introspection = introspect_node(OBJECT_PATH).tostring()
 
@@ -99,20 +124,20 @@ class BusService:
     def refresh(self) -> None:
         """Send PropertiesChanged for what changed since the last call (called by the engine and
         Control after every change; it must never raise into them)."""
-        if self._closed:
+        if self._closed or self._conn is None:
             return
         try:
-            self._emit_changes()
+            self._emit_changes(self._conn.bus)
         except Exception:
             log.exception("sending PropertiesChanged failed")
 
-    def _emit_changes(self) -> None:
+    def _emit_changes(self, bus: MessageBus) -> None:
         values = self._values()
         changed = {k: v for k, v in values.items() if self._emitted.get(k) != v}
         self._emitted = values
         if changed:
             variants = {k: Variant(PROPERTIES_BY_NAME[k].signature, v) for k, v in changed.items()}
-            self._bus.send(
+            bus.send(
                 Message.new_signal(
                     OBJECT_PATH, PROPERTIES_IFACE, "PropertiesChanged", "sa{sv}as", [MANAGER_IFACE, variants, []]
                 )
@@ -162,36 +187,37 @@ class BusService:
         assert spec.name == "Reload"
         return control.reload
 
-    async def _call(self, msg: Message, spec: MethodSpec) -> None:
+    async def _call(self, conn: _Connection, msg: Message, spec: MethodSpec) -> None:
         sender = msg.sender or ""
         try:
             operation = self._prepare(spec, msg.body)
-            with self._admission.connection(sender):
-                root = await self._auth.is_root(sender)
-                with contextlib.nullcontext() if root else self._admission.unprivileged():
-                    await self._auth.check(msg, spec.action)
+            with conn.admission.connection(sender):
+                root = await conn.auth.is_root(sender)
+                with contextlib.nullcontext() if root else conn.admission.unprivileged():
+                    await conn.auth.check(msg, spec.action)
                     await operation()
             reply = Message.new_method_return(msg)
         except Exception as e:
             reply = error_reply(msg, e)
-        self._reply(msg, reply)
+        self._reply(conn, msg, reply)
 
-    def _reply(self, call: Message, reply: Message) -> None:
-        if not self._closed and not call.flags & MessageFlag.NO_REPLY_EXPECTED:
-            self._bus.send(reply)
+    def _reply(self, conn: _Connection, call: Message, reply: Message) -> None:
+        # (A call may arrive before RequestName's reply: activation hands the queued one over then.)
+        if not conn.closed and not call.flags & MessageFlag.NO_REPLY_EXPECTED:
+            conn.bus.send(reply)
 
-    def on_message(self, msg: Message) -> bool:
-        """dbus-fast message handler: True when we took the message."""
+    def _on_message(self, conn: _Connection, msg: Message) -> bool:
+        """dbus-fast message handler of `conn`: True when we took the message."""
         if msg.message_type is not MessageType.METHOD_CALL or msg.path != OBJECT_PATH:
             return False
         if msg.interface == PROPERTIES_IFACE:
-            self._reply(msg, self._properties_call(msg))
+            self._reply(conn, msg, self._properties_call(msg))
             return True
         if msg.member == "Introspect" and msg.interface in (INTROSPECTABLE_IFACE, None) and not msg.signature:
-            self._reply(msg, Message.new_method_return(msg, "s", [self._introspection]))
+            self._reply(conn, msg, Message.new_method_return(msg, "s", [self._introspection]))
             return True
         if msg.interface == OBJECT_MANAGER_IFACE:
-            self._reply(msg, Message.new_error(msg, ERROR_UNKNOWN_INTERFACE, "tproxyd has no such interface."))
+            self._reply(conn, msg, Message.new_error(msg, ERROR_UNKNOWN_INTERFACE, "tproxyd has no such interface."))
             return True
         if msg.interface not in (MANAGER_IFACE, None):
             return False  # Peer: dbus-fast's default
@@ -199,58 +225,92 @@ class BusService:
         if spec is None:
             if msg.interface is None:
                 return False
-            self._reply(msg, Message.new_error(msg, ERROR_UNKNOWN_METHOD, f"{MANAGER_IFACE} has no such method."))
+            error = Message.new_error(msg, ERROR_UNKNOWN_METHOD, f"{MANAGER_IFACE} has no such method.")
+            self._reply(conn, msg, error)
             return True
         if msg.signature != spec.signature:
-            self._reply(msg, Message.new_error(msg, ERROR_INVALID_ARGS, spec.usage()))
+            self._reply(conn, msg, Message.new_error(msg, ERROR_INVALID_ARGS, spec.usage()))
             return True
-        task = asyncio.create_task(self._call(msg, spec), name=f"dbus {spec.name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = asyncio.create_task(self._call(conn, msg, spec), name=f"dbus {spec.name}")
+        conn.tasks.add(task)
+        task.add_done_callback(conn.tasks.discard)
         return True
 
     # --- lifetime ------------------------------------------------------------------------------
 
-    def watch_connection(self) -> None:
-        task = asyncio.create_task(self._watch(), name="dbus watch")
-        self._tasks.add(task)
+    async def connect(self) -> bool:
+        """Connect, export Manager1 and own io.github.Tproxyd. False when there is no usable
+        bus (the reason in the log at `level`); raises AlreadyRunning when another process owns
+        the name."""
+        try:
+            bus = await connect_system_bus()
+        except Exception as e:
+            log.debug("cannot connect to the system bus: %s", e or type(e).__name__)
+            self._why = f"no system bus ({e or type(e).__name__})"
+            return False
+        conn = _Connection(bus, Authorizer(bus))
+        bus.add_message_handler(lambda msg: self._on_message(conn, msg))
+        bus.export(OBJECT_PATH, _Introspection())
+        try:
+            reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        except DBusError as e:
+            conn.close()
+            self._why = f"the system bus refused us {BUS_NAME} ({e.text})"
+            return False
+        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            conn.close()
+            raise AlreadyRunning(f"another process already owns {BUS_NAME} on the system bus")
+        self._conn = conn
+        self._emitted = self._values()
+        log.info("owning %s on the system bus", BUS_NAME)
+        return True
 
-    async def _watch(self) -> None:
-        with contextlib.suppress(Exception):  # an abnormal end is still an end
-            await self._bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
-        if not self._closed:
-            log.error("lost the system bus connection; the D-Bus API is gone until tproxyd restarts")
-            self._closed = True
+    def keep_connected(self) -> None:
+        """From now on, whenever the bus goes away (or is not there yet), connect again with a
+        backoff and own the name again. The rules stay in place meanwhile."""
+        self._keeper = asyncio.create_task(self._keep_connected(), name="dbus keeper")
+
+    async def _keep_connected(self) -> None:
+        while not self._closed:
+            if self._conn is not None:
+                with contextlib.suppress(Exception):  # an abnormal end is still an end
+                    await self._conn.bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+                if self._closed:
+                    return
+                log.error("lost the system bus connection; the rules stay, reconnecting")
+                self._conn.close()
+                self._conn = None
+            delay = RECONNECT_FIRST
+            while True:
+                await asyncio.sleep(delay)
+                try:
+                    if await self.connect():
+                        break
+                except AlreadyRunning as e:
+                    log.error("%s; retrying", e)
+                delay = min(delay * 2, RECONNECT_MAX)
+            if self._on_reconnect is not None:
+                try:
+                    await self._on_reconnect()
+                except Exception:
+                    log.exception("re-subscribing after the bus came back failed")
 
     def close(self) -> None:
         self._closed = True
-        for task in self._tasks:
-            task.cancel()
-        self._bus.disconnect()
+        if self._keeper is not None:
+            self._keeper.cancel()
+        if self._conn is not None:
+            self._conn.close()
 
 
-async def start(control: Control) -> BusService | None:
+async def start(control: Control, on_reconnect: Callable[[], Awaitable[None]] | None = None) -> BusService:
     """Connect to the system bus ($DBUS_SYSTEM_BUS_ADDRESS honoured), export Manager1 and own
-    io.github.Tproxyd. None (and one warning) when there is no usable bus: tproxyd then runs
-    without its D-Bus API. Raises AlreadyRunning when another process owns the name."""
-    try:
-        bus = await connect_system_bus()
-    except Exception as e:
-        log.warning("no system bus (%s); running without the D-Bus API", e or type(e).__name__)
-        return None
-    service = BusService(bus, control)
-    bus.add_message_handler(service.on_message)
-    bus.export(OBJECT_PATH, _Introspection())
-    try:
-        reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
-    except DBusError as e:
-        bus.disconnect()
-        log.warning("the system bus refused us %s (%s); running without the D-Bus API", BUS_NAME, e.text)
-        return None
-    if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
-        bus.disconnect()
-        raise AlreadyRunning(f"another process already owns {BUS_NAME} on the system bus")
+    io.github.Tproxyd, and keep doing so. Without a usable bus tproxyd runs without its D-Bus
+    API (one warning) until the bus appears. Raises AlreadyRunning when another process owns
+    the name at start."""
+    service = BusService(control, on_reconnect)
+    if not await service.connect():
+        log.warning("%s; running without the D-Bus API until it appears", service._why)
     control.add_listener(service.refresh)
-    service.watch_connection()
-    log.info("owning %s on the system bus", BUS_NAME)
+    service.keep_connected()
     return service
