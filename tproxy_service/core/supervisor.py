@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from ..kernel.sockets import core_listening
 from ..model import Config, CoreStatus
 from .dns_route import dns_warnings
+from .exposure import open_proxy_warnings
 from .systemd import SystemdError, UnitStatus
 from .v2ray_config import build_core_config, inbound_tags, locate, parse_user_config, render
 
@@ -46,7 +47,7 @@ class UnitPort(Protocol):
 
 async def render_checked(config: Config) -> tuple[str, tuple[str, ...]]:
     """The core config text for `config`, validated by `<binary> -test`, and the warnings about
-    it (dns_route.dns_warnings); raises ConfigError."""
+    it (dns_route.dns_warnings, exposure.open_proxy_warnings); raises ConfigError."""
     core = config.core
     source = str(core.config) if core.config else "the built-in core config"
     user = None
@@ -57,7 +58,7 @@ async def render_checked(config: Config) -> tuple[str, tuple[str, ...]]:
         user = parse_user_config(text, source)
     merged = build_core_config(user, config.tproxy, source, core.sniffing)
     text = render(merged)
-    warnings = dns_warnings(user, config.tproxy, inbound_tags(config.tproxy))
+    warnings = dns_warnings(user, config.tproxy, inbound_tags(config.tproxy)) + open_proxy_warnings(user)
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="tproxyd-core-test-") as f:
         f.write(text)
         f.flush()
