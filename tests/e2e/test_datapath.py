@@ -107,3 +107,36 @@ def test_new_gateway_address_joins_local_sets_live(lab: h.Lab) -> None:
     for proto, family in targets:
         flow = h.send(proto, h.CLI, h.CLIENT.of(family), h.ROUTER_LATE_SUBNET.of(family))
         lab.proofs.proxied(flow, expected_peer=h.GW_UP.of(family))
+
+
+# --- the core's own port ---------------------------------------------------------------------------
+
+_DIRECT = """
+import socket, sys
+proto, dst, sport, port = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET,
+                  socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+s.settimeout(3)
+s.bind((dst, sport))
+try:
+    s.connect((dst, port))
+    s.send(b"GET / HTTP/1.1\\r\\nHost: example.com\\r\\n\\r\\n")
+    s.recv(100)  # UDP: a refusal arrives as an error here
+    print("answered")
+except ConnectionRefusedError:
+    print("refused")
+except TimeoutError:
+    print("no answer")
+"""
+
+
+@each_flow_kind
+def test_direct_connection_to_the_tproxy_port_is_refused(lab: h.Lab, proto: str, family: int) -> None:
+    """A local user talking straight to the core's tproxy port: the core would take the port itself
+    as the destination and connect to it, again and again (a loop). The table's guard refuses it."""
+    dst = "127.0.0.1" if family == 4 else "::1"
+    sport = h.next_source_port()
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", _DIRECT]
+    proc = h.in_ns(h.GW, *as_nobody, proto, dst, str(sport), str(h.TPROXY_PORT), check=False)
+    assert proc.stdout.strip() == "refused", (proc.stdout, proc.stderr)
+    lab.access.assert_no_flow(h.Flow(h.GW, proto, dst, sport, dst, h.TPROXY_PORT, "", 0))

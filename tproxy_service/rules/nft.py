@@ -15,6 +15,8 @@ Everything lives in one table, `inet tproxyd`. Chains:
   postrouting (filter hook, failure_policy closed only): drops our marked packets about to leave
       by a host link. The re-route missed them: a socket bound to the link (SO_BINDTODEVICE,
       `curl --interface LINK`) only matches routes through that link, not `dev lo`.
+  guard (input hook): direct connections to the core's tproxy port are rejected (see
+      _guard_rules).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ CHAIN_PROXY = "proxy"
 CHAIN_OUTPUT = "output"
 CHAIN_POSTROUTING = "postrouting"
 CHAIN_BYPASS = "bypass"
+CHAIN_GUARD = "guard"
 MANGLE_PRIORITY = -150
 # After a host firewall's reverse-path filter at filter + 10 (firewalld's IPv6_rpfilter): it looks
 # the source up in the routing table our mark selects (a local default route) and drops every
@@ -247,6 +250,26 @@ def _postrouting_rules(s: TproxySettings) -> list[Json]:
     return [_rule(CHAIN_POSTROUTING, *marked_leaving, {"counter": None}, {"drop": None})]
 
 
+def _guard_rules(s: TproxySettings) -> list[Json]:
+    """Diverted packets keep their original (remote) destination, so a packet to 127.0.0.1 or
+    ::1 on the tproxy port is a direct connection: the core would take the port itself as the
+    destination and connect to it, again and again (a loop any local user can start), or, with
+    sniffing, connect wherever the Host header says (a proxy for local users). Refused here."""
+    rules = []
+    for family, addr in (("ip", "127.0.0.1"), ("ip6", "::1")):
+        for proto, verdict in (("tcp", {"reject": {"type": "tcp reset"}}), ("udp", {"reject": None})):
+            rules.append(
+                _rule(
+                    CHAIN_GUARD,
+                    _match(_payload(family, "daddr"), addr),
+                    _match(_meta("l4proto"), proto),
+                    _match(_payload(proto, "dport"), s.port),
+                    verdict,
+                )
+            )
+    return rules
+
+
 def encode_intervals(family: int, intervals: tuple[Interval, ...]) -> list[Any]:
     return [interval_element(family, iv) for iv in intervals]
 
@@ -307,8 +330,9 @@ def build_replace(
         _chain(CHAIN_PROXY),
         _chain(CHAIN_PREROUTING, hook="prerouting", prio=PREROUTING_PRIORITY),
         _chain(CHAIN_OUTPUT, hook="output", chain_type="route"),
+        _chain(CHAIN_GUARD, hook="input"),
     ]
-    commands += _bypass_rules(s) + _proxy_rules(s) + _prerouting_rules(s) + _output_rules(s)
+    commands += _bypass_rules(s) + _proxy_rules(s) + _prerouting_rules(s) + _output_rules(s) + _guard_rules(s)
     if s.failure_policy is FailurePolicy.CLOSED:
         commands += [_chain(CHAIN_POSTROUTING, hook="postrouting"), *_postrouting_rules(s)]
     return {"nftables": commands}
