@@ -62,6 +62,7 @@ from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from tproxy_service.bus import names
+from tproxy_service.model import DEFAULT_TPROXY_PORT
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -79,7 +80,7 @@ LAN, WAN = "tpc-lan", "tpc-wan"
 CLIENT, GW_LAN = "10.93.0.2", "10.93.0.1"
 GW_WAN, SRV_WAN = "10.94.0.1", "10.94.0.2"
 SERVER, PORT = "203.0.113.10", 8080
-TPROXY_PORT = 12345  # tproxyd's default [tproxy] port
+TPROXY_PORT = DEFAULT_TPROXY_PORT
 ATTEMPT_TIMEOUT = 1.0
 MAX_IN_FLIGHT = 400
 SETTLE = 0.3  # s of steady state after each recovery, before the next kill (plus 0-250 ms at random)

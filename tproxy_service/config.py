@@ -16,6 +16,8 @@ from .ifname import parse_mode, validate_ifname
 from .model import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_FILE_LINES,
+    DEFAULT_TPROXY_PORT,
+    PRIVILEGED_PORTS_END,
     AddressSet,
     AutoPolicy,
     BypassSettings,
@@ -113,6 +115,7 @@ _TPROXY_KEYS: dict[str, Callable[[Any], str | None]] = {
         else f'must be "off", "lan" or "all" (true and false are the old spellings of "lan" and "off"), got {_show(v)}'
     ),
     "failure_policy": lambda v: None if v in ("open", "closed") else f'must be "open" or "closed", got {_show(v)}',
+    "allow_unprivileged_port": _is_bool,
 }
 _BYPASS_KEYS: dict[str, Callable[[Any], str | None]] = {
     "reserved": _is_bool,
@@ -261,6 +264,14 @@ def parse_config(
     )
     if tproxy.mark == tproxy.core_mark:
         raise src.error("tproxy", "core_mark", "must differ from tproxy.mark, or the core's traffic loops")
+    if tproxy.port >= PRIVILEGED_PORTS_END and not tproxy.allow_unprivileged_port:
+        raise src.error(
+            "tproxy",
+            "port",
+            f"{tproxy.port} is not a privileged port: while the core is down any local user could bind it "
+            f"and keep the core from listening; use a port below {PRIVILEGED_PORTS_END} "
+            f"(default {DEFAULT_TPROXY_PORT}) or set allow_unprivileged_port = true",
+        )
     if tproxy.route_table in _RESERVED_ROUTE_TABLES:
         raise src.error("tproxy", "route_table", f"{tproxy.route_table} is a kernel-reserved routing table")
 

@@ -59,9 +59,15 @@ class AddressSet:
     v6: tuple[Interval, ...] = ()
 
 
+# Below 1024: while the core is down, no local user can bind it in the core's place (the core
+# unit has CAP_NET_BIND_SERVICE). Unassigned by IANA.
+DEFAULT_TPROXY_PORT = 1012
+PRIVILEGED_PORTS_END = 1024  # net.ipv4.ip_unprivileged_port_start's default
+
+
 @dataclass(frozen=True)
 class TproxySettings:
-    port: int = 12345
+    port: int = DEFAULT_TPROXY_PORT
     mark: int = 1
     core_mark: int = 255
     route_table: int = 100
@@ -71,6 +77,7 @@ class TproxySettings:
     udp: bool = True
     dns_hijack: DnsHijack = DnsHijack.ALL
     failure_policy: FailurePolicy = FailurePolicy.OPEN
+    allow_unprivileged_port: bool = False  # a port >= 1024 only when the admin says so
 
 
 # Per [bypass] file: a full BGP table is ~1M prefixes; parsing 1M lines takes seconds.

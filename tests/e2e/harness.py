@@ -47,7 +47,7 @@ LAN_LINK = "tpe-gc"  # gateway side of the client LAN
 UP_LINK = "tpe-gu"  # gateway side of the upstream link
 LATE_LINK = "tpe-gl"  # gateway side of the late client LAN (absent at daemon start)
 
-TPROXY_PORT = 12345
+TPROXY_PORT = 1012  # tproxyd's default [tproxy] port (privileged: see the config's checks)
 MARKER_PORT = 12399  # plain (non-tproxy) v2ray inbound: lets tests order the access log
 FWMARK = 1
 CORE_MARK = 255
@@ -120,7 +120,7 @@ def spawn(ns: str, args: list[str], log: Path, env: dict[str, str] | None = None
 
 
 def listening(ns: str) -> set[tuple[str, str]]:
-    """(proto, local address:port) of the listening sockets in `ns`, e.g. ("tcp", "[::1]:12345")."""
+    """(proto, local address:port) of the listening sockets in `ns`, e.g. ("tcp", "[::1]:1012")."""
     out = in_ns(ns, "ss", "-Hlntu").stdout
     found = set()
     for line in out.splitlines():

@@ -2,7 +2,8 @@
 `systemd --user` manager (as root), joined to the gateway namespace with a test drop-in; real
 v2ray; tproxyd driven over a private system bus; traffic from the client namespace.
 
-The lab's own v2ray keeps port 12345; the supervised core uses CORE_PORT, so the two never meet."""
+The lab's own v2ray keeps the default port; the supervised core uses CORE_PORT, so the two never
+meet."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from .usermanager import UserManager
 
 pytestmark = pytest.mark.root
 
-CORE_PORT = 12346
+CORE_PORT = 1013  # privileged, like the default: no local user can bind it in the core's place
 UNIT = "tproxyd-core.service"
 SHIPPED_UNIT = h.REPO / "systemd" / UNIT
 KINDS = [(proto, family) for proto in ("tcp", "udp") for family in (4, 6)]
@@ -496,3 +497,38 @@ def test_closed_policy_blocks_before_the_slow_core_check(lab: h.Lab, core_stack:
     h.wait_until(lambda: core_stack.bus.has_owner(names.BUS_NAME), 20, "tproxyd on the bus")
     core_stack.wait_state("active", timeout=20)
     assert_proxied(core_stack, lab)
+
+
+_SQUAT = """
+import socket, sys
+try:
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
+except PermissionError:
+    print("refused", flush=True); sys.exit(0)
+print("bound", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_local_user_cannot_keep_the_core_from_listening(lab: h.Lab, core_stack: CoreStack) -> None:
+    """While the core is down, a plain user tries to take its port first: a privileged port (the
+    default's kind; unprivileged ones are refused unless the config allows them) cannot be taken,
+    so the core still listens, becomes ready and traffic is proxied."""
+    squatter = subprocess.Popen(
+        ["ip", "netns", "exec", h.GW, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         "/usr/bin/python3", "-c", _SQUAT, str(CORE_PORT)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert squatter.stdout is not None
+        squatted = squatter.stdout.readline().strip()  # "bound": it now holds the port
+        core_stack.start("open")
+        assert core_stack.call("EnableLink", "ss", [h.LAN_LINK, "lan"]).error is None
+        core_stack.wait_state("active", timeout=20)
+        assert_proxied(core_stack, lab)
+        assert squatted == "refused"
+    finally:
+        if squatter.poll() is None:
+            squatter.kill()  # ours: bound the port and waits on stdin
+        squatter.wait(10)

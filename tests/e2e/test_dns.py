@@ -36,7 +36,7 @@ GW_ON_DNS = h.Addr("192.0.2.193", "2001:db8:6::1")
 CONNECTED_RESOLVER = h.Addr("192.0.2.194", "2001:db8:6::2")  # on a subnet the gateway is on
 FAR_RESOLVER = h.SERVER  # one hop behind the router
 TRUTHFUL_RESOLVER = "198.51.100.3"  # in tpe-srv; only the core's dns section names it
-CORE_PORT = 12347  # the lab's own v2ray keeps 12345, test_core.py's 12346
+CORE_PORT = 1014  # privileged; the lab's own v2ray keeps the default (1012), test_core.py's 1013
 KINDS = [(proto, family) for proto in ("udp", "tcp") for family in (4, 6)]
 
 # What the lan client hears from each resolver address, per dns_hijack.

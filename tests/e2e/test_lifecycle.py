@@ -75,7 +75,7 @@ def test_sighup_with_bad_config_keeps_running_state(lab: h.Lab, start_tproxyd: S
     daemon = start_tproxyd(config)
     applied = h.kernel_state(h.GW)
     offset = daemon.log_size()
-    config.path.write_text(config.render().replace("port = 12345", 'port = "not a port"'))
+    config.path.write_text(config.render().replace(f"port = {h.TPROXY_PORT}", 'port = "not a port"'))
     daemon.reload()
     daemon.wait_log("config error", RELOAD_TIMEOUT, after=offset)
     assert daemon.running

@@ -78,7 +78,7 @@ def _heal(daemon: h.Tproxyd, bus: h.PrivateBus, names: list[str], step: str) -> 
 
 def test_names_stay_literal_through_every_full_replace(make_daemon: MakeDaemon, bus: h.PrivateBus) -> None:
     daemon = make_daemon(start=False)
-    _write_config(daemon, 12345)
+    _write_config(daemon, 1012)
     _setup_probe(daemon)
     daemon.start()
     _assert_literal(daemon, FROM_CONFIG, "start with [links]")
@@ -95,8 +95,8 @@ def test_names_stay_literal_through_every_full_replace(make_daemon: MakeDaemon, 
     _assert_literal(daemon, everything, "a restart")
     _heal(daemon, bus, everything, "a restart")
 
-    _write_config(daemon, 12346)
+    _write_config(daemon, 1013)
     assert bus.call("Reload").error is None
-    h.wait_until(lambda: "12346" in daemon.netns.nft_table(), 20, "the new port in the table")
+    h.wait_until(lambda: "127.0.0.1:1013" in daemon.netns.nft_table(), 20, "the new port in the table")
     _assert_literal(daemon, everything, "a Reload that changes the skeleton")
     _heal(daemon, bus, everything, "a Reload")

@@ -14,6 +14,7 @@ runtime_dir = "/tmp/tproxyd-run"
 
 [tproxy]
 port = 7893
+allow_unprivileged_port = true
 mark = 2
 core_mark = 255
 route_table = 200
@@ -73,7 +74,7 @@ def test_full_config(tmp_path: Path) -> None:
 
 def test_defaults() -> None:
     c = parse_config("")
-    assert (c.tproxy.port, c.tproxy.mark, c.tproxy.core_mark, c.tproxy.route_table) == (12345, 1, 255, 100)
+    assert (c.tproxy.port, c.tproxy.mark, c.tproxy.core_mark, c.tproxy.route_table) == (1012, 1, 255, 100)
     assert c.tproxy.ipv6 and c.tproxy.udp and c.bypass.reserved
     assert c.tproxy.dns_hijack is DnsHijack.ALL
     assert (c.bypass.local_min_prefix4, c.bypass.local_min_prefix6) == (16, 48)
@@ -171,6 +172,17 @@ def test_errors_name_key_and_line(tmp_path: Path, text: str, expected: str) -> N
 def test_unreadable_config(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_unprivileged_tproxy_port_needs_saying_so() -> None:
+    """A port any local user may bind (>= 1024) would let them keep the core from listening."""
+    with pytest.raises(
+        ConfigError, match=r"c\.toml:2: tproxy\.port: 12345 is not a privileged port: .* any local user"
+    ):
+        parse_config("[tproxy]\nport = 12345\n", "c.toml")
+    assert parse_config("[tproxy]\nport = 1023\n").tproxy.port == 1023
+    allowed = parse_config("[tproxy]\nport = 12345\nallow_unprivileged_port = true\n")
+    assert (allowed.tproxy.port, allowed.tproxy.allow_unprivileged_port) == (12345, True)
 
 
 def test_bypass_file_limits_are_keys(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ def test_default_config_gets_inbounds_and_mark() -> None:
     tags = [i["tag"] for i in cfg["inbounds"]]
     assert tags == [INBOUND_TAGS[4], INBOUND_TAGS[6]]
     v4, v6 = cfg["inbounds"]
-    assert (v4["listen"], v4["port"], v6["listen"]) == ("127.0.0.1", 12345, "::1")
+    assert (v4["listen"], v4["port"], v6["listen"]) == ("127.0.0.1", 1012, "::1")
     assert v4["streamSettings"]["sockopt"]["tproxy"] == "tproxy"
     assert v4["settings"] == {"network": "tcp,udp", "followRedirect": True}
     assert v4["sniffing"]["enabled"] is True
@@ -62,10 +62,10 @@ def test_ipv4_only_and_tcp_only() -> None:
     ("user", "message"),
     [
         (
-            {"inbounds": [{"port": 12345, "protocol": "socks"}], "outbounds": [{}]},
-            r"inbounds\[0\] binds port 12345",
+            {"inbounds": [{"port": 1012, "protocol": "socks"}], "outbounds": [{}]},
+            r"inbounds\[0\] binds port 1012",
         ),
-        ({"inbounds": [{"port": "12000-13000"}], "outbounds": [{}]}, r"binds port 12345"),
+        ({"inbounds": [{"port": "1000-2000"}], "outbounds": [{}]}, r"binds port 1012"),
         ({"inbounds": [{"tag": "tproxyd-tproxy6", "port": 1}], "outbounds": [{}]}, r"tag 'tproxyd-tproxy6'"),
         (
             {"outbounds": [{"streamSettings": {"sockopt": {"mark": 7}}}]},
