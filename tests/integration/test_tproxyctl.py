@@ -131,7 +131,7 @@ def test_usage_and_help(bus: h.PrivateBus) -> None:
     assert ctl(h.PLAIN, bus, "enable").returncode == cli.EXIT_USAGE
     helped = ctl(h.PLAIN, bus, "--help")
     assert helped.returncode == 0
-    for code in range(7):
+    for code in range(8):
         assert f"\n  {code}  " in helped.stdout
     assert "io.github.Tproxyd.toggle" in helped.stdout
 
