@@ -94,8 +94,19 @@ def test_sigkill_during_a_burst_of_saves_leaves_a_valid_file(daemon: h.Tproxyd, 
         b'{"version": 1, "links": {"eth0": "sideways"}}',
         b'{"version": 1, "links": [], "extra": 1}',
         b"",
+        b"[" * 100_000 + b"]" * 100_000,  # RecursionError in json's parser: was a crash loop at start
     ],
-    ids=["truncated", "binary", "future-version", "bad-enabled", "bad-ifname", "bad-mode", "bad-shape", "empty"],
+    ids=[
+        "truncated",
+        "binary",
+        "future-version",
+        "bad-enabled",
+        "bad-ifname",
+        "bad-mode",
+        "bad-shape",
+        "empty",
+        "deeply-nested",
+    ],
 )
 def test_corrupt_state_file_is_moved_aside(make_daemon: MakeDaemon, bus: h.PrivateBus, content: bytes) -> None:
     daemon = make_daemon(links={h.LINK_A: "host"}, start=False)
