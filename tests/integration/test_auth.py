@@ -5,6 +5,7 @@ answer in time or dies during the check counts as no polkit (root only)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import time
@@ -44,8 +45,8 @@ def check(
     return asyncio.run(run())
 
 
-@pytest.fixture
-def granted_connection(bus: h.PrivateBus) -> Iterator[str]:
+@contextlib.contextmanager
+def granted_user_connection(bus: h.PrivateBus) -> Iterator[str]:
     """The unique name of a connection of the user our polkit rule grants everything."""
     proc = h.user_popen(h.GRANTED, [str(h.PYTHON), str(h.BUSCLIENT), "hold"], bus.env(), stdin=subprocess.PIPE)
     try:
@@ -57,6 +58,12 @@ def granted_connection(bus: h.PrivateBus) -> Iterator[str]:
         assert proc.stdin is not None
         proc.stdin.close()
         proc.wait(10)
+
+
+@pytest.fixture
+def granted_connection(bus: h.PrivateBus) -> Iterator[str]:
+    with granted_user_connection(bus) as name:
+        yield name
 
 
 @pytest.fixture
@@ -137,15 +144,8 @@ def check_while_polkitd_dies(bus: h.PrivateBus, polkitd: subprocess.Popen[bytes]
 
 def test_polkitd_dying_during_the_check_is_no_polkit() -> None:
     """On a stack of its own: polkitd is stopped, receives our check, and is killed."""
-    with h.stack() as own:
-        proc = h.user_popen(h.GRANTED, [str(h.PYTHON), str(h.BUSCLIENT), "hold"], own.bus.env(), stdin=subprocess.PIPE)
-        try:
-            assert proc.stdout is not None and own.polkit.proc is not None
-            subject = proc.stdout.readline().strip()
-            own.polkit.proc.send_signal(signal.SIGSTOP)
-            denied = check_while_polkitd_dies(own.bus, own.polkit.proc, subject)
-            assert denied == "not authorized to toggle tproxyd: polkit is not running, so only root may"
-        finally:
-            assert proc.stdin is not None
-            proc.stdin.close()
-            proc.wait(10)
+    with h.stack() as own, granted_user_connection(own.bus) as subject:
+        assert own.polkit.proc is not None
+        own.polkit.proc.send_signal(signal.SIGSTOP)
+        denied = check_while_polkitd_dies(own.bus, own.polkit.proc, subject)
+        assert denied == "not authorized to toggle tproxyd: polkit is not running, so only root may"
