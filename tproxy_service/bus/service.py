@@ -96,7 +96,7 @@ class BusService:
         self._ready = False
         self._closed = False
         self._keeper: asyncio.Task[None] | None = None
-        self._why = ""  # why the last connect() failed
+        self.why_unconnected = ""  # why the last connect() failed
         self._emitted = self._values()
         self._introspection = introspect_node(OBJECT_PATH).tostring()
 
@@ -240,13 +240,13 @@ class BusService:
 
     async def connect(self) -> bool:
         """Connect, export Manager1 and own io.github.Tproxyd. False when there is no usable
-        bus (the reason in the log at `level`); raises AlreadyRunning when another process owns
+        bus (the reason in `why_unconnected`); raises AlreadyRunning when another process owns
         the name."""
         try:
             bus = await connect_system_bus()
         except Exception as e:
             log.debug("cannot connect to the system bus: %s", e or type(e).__name__)
-            self._why = f"no system bus ({e or type(e).__name__})"
+            self.why_unconnected = f"no system bus ({e or type(e).__name__})"
             return False
         conn = _Connection(bus, Authorizer(bus))
         bus.add_message_handler(lambda msg: self._on_message(conn, msg))
@@ -255,7 +255,7 @@ class BusService:
             reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
         except DBusError as e:
             conn.close()
-            self._why = f"the system bus refused us {BUS_NAME} ({e.text})"
+            self.why_unconnected = f"the system bus refused us {BUS_NAME} ({e.text})"
             return False
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
             conn.close()
@@ -310,7 +310,7 @@ async def start(control: Control, on_reconnect: Callable[[], Awaitable[None]] | 
     the name at start."""
     service = BusService(control, on_reconnect)
     if not await service.connect():
-        log.warning("%s; running without the D-Bus API until it appears", service._why)
+        log.warning("%s; running without the D-Bus API until it appears", service.why_unconnected)
     control.add_listener(service.refresh)
     service.keep_connected()
     return service
