@@ -196,24 +196,30 @@ def test_dbus_activation(make_daemon: MakeDaemon, bus: h.PrivateBus) -> None:
             bus.env(),
         )
         assert proc.returncode == 0, proc.stderr
-        reply = bus.call(
-            "GetConnectionUnixProcessID",
-            "s",
-            [names.BUS_NAME],
-            interface=names.DBUS_IFACE,
-            destination=names.DBUS_NAME,
-            path=names.DBUS_PATH,
-        )
-        pid = reply.body[0]
+        pid = _owner_pid(bus)
         h.wait_until(lambda: bus.properties()["State"] == "active", 20, "the activated tproxyd to be active")
         assert "tpdv0" in daemon.netns.nft_table()
     finally:
         service.unlink()
+        pid = pid or _owner_pid(bus)  # activated even if the call above failed: never leave it running
         if pid:
             os.kill(pid, signal.SIGTERM)  # the activated tproxyd: a child of our dbus-daemon
             h.wait_until(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), 15, "tproxyd to exit")
             h.wait_until(lambda: not bus.has_owner(names.BUS_NAME), 10, "the name to be released")
     assert daemon.netns.nft_table() == ""
+
+
+def _owner_pid(bus: h.PrivateBus) -> int:
+    """The PID of the process owning io.github.Tproxyd on `bus`, 0 when nobody does."""
+    reply = bus.call(
+        "GetConnectionUnixProcessID",
+        "s",
+        [names.BUS_NAME],
+        interface=names.DBUS_IFACE,
+        destination=names.DBUS_NAME,
+        path=names.DBUS_PATH,
+    )
+    return int(reply.body[0]) if reply.error is None else 0
 
 
 def _zombie(pid: int) -> bool:
