@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tproxy_service.bus import names
-from tproxy_service.bus.admission import PER_CONNECTION
+from tproxy_service.bus.call_limits import PER_CONNECTION
 
 from . import harness as h
 from .calls import finish_flood, start_flood

@@ -3,7 +3,7 @@
 One low-level message handler serves the object's methods and properties, because dbus-fast's
 @method handlers do not see the caller's unique name, which polkit needs. Each method call runs
 as a task: check the signature, validate the arguments, admit it (or refuse it at once with Busy:
-admission.py), authorize, call Control, reply. Any change of a property value is sent in
+call_limits.py), authorize, call Control, reply. Any change of a property value is sent in
 PropertiesChanged with its new value. When the bus goes away (dbus-daemon restarted) or is not
 there yet, a keeper task connects again with a backoff and owns the name again."""
 
@@ -27,8 +27,8 @@ from ..control import Control, parse_mode_argument
 from ..errors import TproxydError
 from ..ifname import validate_ifname
 from ..state_store import AUTO
-from .admission import Admission
 from .auth import Authorizer
+from .call_limits import CallLimits
 from .connection import connect_system_bus
 from .errors import error_reply
 from .names import (
@@ -75,7 +75,7 @@ class _Connection:
 
     bus: MessageBus
     auth: Authorizer
-    admission: Admission = field(default_factory=Admission)
+    limits: CallLimits = field(default_factory=CallLimits)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     closed: bool = False
 
@@ -191,9 +191,9 @@ class BusService:
         sender = msg.sender or ""
         try:
             operation = self._prepare(spec, msg.body)
-            with conn.admission.connection(sender):
+            with conn.limits.connection(sender):
                 root = await conn.auth.is_root(sender)
-                with contextlib.nullcontext() if root else conn.admission.unprivileged():
+                with contextlib.nullcontext() if root else conn.limits.unprivileged():
                     await conn.auth.check(msg, spec.action)
                     await operation()
             reply = Message.new_method_return(msg)

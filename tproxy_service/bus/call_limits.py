@@ -19,7 +19,7 @@ PER_CONNECTION = 16
 UNPRIVILEGED_TOTAL = 64  # with UID lookups (auth.UID_LOOKUPS_IN_FLIGHT) well under the bus's 128
 
 
-class Admission:
+class CallLimits:
     def __init__(self, per_connection: int = PER_CONNECTION, unprivileged_total: int = UNPRIVILEGED_TOTAL) -> None:
         self._per_connection = per_connection
         self._unprivileged_total = unprivileged_total
