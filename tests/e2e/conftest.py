@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests import support
+from tests.integration.harness import PrivateBus
 
 from . import harness as h
 
@@ -128,9 +129,9 @@ def start_tproxyd(lab: h.Lab, tmp_path: Path) -> Iterator[StartDaemon]:
     started is stopped afterwards, and the gateway namespace is cleaned even after a crash."""
     started: list[h.Tproxyd] = []
 
-    def start(config: h.TproxydConfig | None = None, wait: bool = True) -> h.Tproxyd:
+    def start(config: h.TproxydConfig | None = None, wait: bool = True, bus_address: str | None = None) -> h.Tproxyd:
         config = config or h.TproxydConfig(tmp_path / "conf")
-        daemon = h.Tproxyd(config, tmp_path / f"tproxyd-{len(started) + 1}.log")
+        daemon = h.Tproxyd(config, tmp_path / f"tproxyd-{len(started) + 1}.log", bus_address)
         started.append(daemon)
         if wait:
             daemon.wait_ready()
@@ -159,3 +160,15 @@ def late_client(lab: h.Lab) -> Iterator[Callable[[], None]]:
     """Creates the late client LAN (and the gateway's `tpe-gl`) when called; removed afterwards."""
     yield h.new_late_client
     h.delete_namespace(h.LATE_CLI)
+
+
+@pytest.fixture(scope="module")
+def status_bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateBus]:
+    """A private system bus with tproxyd's shipped policy, for tests that read what tproxyd
+    reports (State, LastError, tproxyctl status) where the lab's neighbours break something."""
+    bus = PrivateBus(tmp_path_factory.mktemp("status-bus"))
+    try:
+        bus.start()
+        yield bus
+    finally:
+        bus.stop()

@@ -585,15 +585,15 @@ supervise = false  # the lab runs its own v2ray; tproxyd treats it as always rea
 class Tproxyd:
     """One tproxyd process in the gateway namespace; stderr goes to its own log file."""
 
-    def __init__(self, config: TproxydConfig, log: Path) -> None:
+    def __init__(self, config: TproxydConfig, log: Path, bus_address: str | None = None) -> None:
         self.config = config
         self.log = log
         config.write()
-        # No system bus for the daemon under test: on a machine that has one, it must neither
-        # take io.github.Tproxyd from a real service nor fail because one owns it. The D-Bus API
-        # is the integration tier's subject; without a bus tproxyd runs on its config alone.
-        no_bus = {"DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={config.workdir / 'no-system-bus'}"}
-        self.proc = spawn(GW, [str(TPROXYD), "--config", str(config.path)], log, env=no_bus)
+        # No system bus for the daemon under test unless a test gives it a private one: on a
+        # machine that has one, it must neither take io.github.Tproxyd from a real service nor
+        # fail because one owns it. Without a bus tproxyd runs on its config alone.
+        bus = {"DBUS_SYSTEM_BUS_ADDRESS": bus_address or f"unix:path={config.workdir / 'no-system-bus'}"}
+        self.proc = spawn(GW, [str(TPROXYD), "--config", str(config.path)], log, env=bus)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")

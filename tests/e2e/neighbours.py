@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from tests.integration.harness import TPROXYCTL, PrivateBus, run
+
 from . import harness as h
 
 FLOWS = [(proto, family) for proto in ("tcp", "udp") for family in (4, 6)]
@@ -22,3 +24,17 @@ def all_proxied(lab: h.Lab) -> None:
 def iptables_save(output: str) -> str:
     """iptables-save output without packet counters and the timestamp comments."""
     return "\n".join(_COUNTERS.sub("", line) for line in output.splitlines() if not line.startswith("#"))
+
+
+def assert_reported(bus: PrivateBus, *needles: str) -> None:
+    """tproxyd is degraded and says why, with the fix, both in LastError over D-Bus and in
+    `tproxyctl status` (the log is each test's own check)."""
+    props = bus.properties()
+    assert props["State"] == "degraded", props
+    for needle in needles:
+        assert needle in props["LastError"], (needle, props["LastError"])
+    status = run([str(TPROXYCTL), "status"], check=False, env=bus.env()).stdout
+    assert "State:          degraded" in status, status
+    error_line = next((line for line in status.splitlines() if line.startswith("Last error:")), "")
+    for needle in needles:
+        assert needle in error_line, (needle, status)

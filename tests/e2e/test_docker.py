@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.harness import PrivateBus
+
 from . import harness as h
 from .conftest import StartDaemon
 from .docker import Dockerd, missing
-from .neighbours import all_proxied, iptables_save
+from .neighbours import all_proxied, assert_reported, iptables_save
 
 pytestmark = pytest.mark.root
 
@@ -70,14 +72,16 @@ def test_lan_and_host_mode_leave_dockers_rules_identical(
 
 
 def test_container_traffic_on_docker0_as_a_lan_link_is_proxied(
-    lab: h.Lab, docker: Dockerd, start_tproxyd: StartDaemon, tmp_path: Path
+    lab: h.Lab, docker: Dockerd, start_tproxyd: StartDaemon, tmp_path: Path, status_bus: PrivateBus
 ) -> None:
     links = {h.LAN_LINK: "lan", h.UP_LINK: "host", "docker0": "lan"}
-    daemon = start_tproxyd(h.TproxydConfig(tmp_path / "conf", links=links))
+    daemon = start_tproxyd(h.TproxydConfig(tmp_path / "conf", links=links), bus_address=status_bus.address)
     # Docker turned br_netfilter on: what tproxy diverts on a bridge is lost, and tproxyd says so.
-    daemon.wait_log("docker0 is a bridge and net.bridge.bridge-nf-call-iptables", 10)
+    why = "docker0 is a bridge and net.bridge.bridge-nf-call-iptables"
+    daemon.wait_log(why, 10)
     fix = "sysctl -w net.bridge.bridge-nf-call-iptables=0 net.bridge.bridge-nf-call-ip6tables=0"
     assert f"turn that off: {fix}" in daemon.log_text(), daemon.log_text()[-2000:]
+    assert_reported(status_bus, why, f"turn that off: {fix}")
     with pytest.raises(AssertionError, match="curl rc"):  # the report is true
         h.send("tcp", CTR, CONTAINER.v4, h.SERVER.v4)
     h.in_ns(h.GW, "sh", "-c", fix)  # the admin runs the command the report gives
@@ -90,23 +94,26 @@ def test_container_traffic_on_docker0_as_a_lan_link_is_proxied(
 
 
 def test_forward_drop_is_reported_with_the_docker_user_rules(
-    lab: h.Lab, docker: Dockerd, start_tproxyd: StartDaemon
+    lab: h.Lab, docker: Dockerd, start_tproxyd: StartDaemon, status_bus: PrivateBus
 ) -> None:
-    daemon = start_tproxyd()
+    daemon = start_tproxyd(bus_address=status_bus.address)
     daemon.wait_log("state degraded", 10)
     log = daemon.log_text()
     fix = (
         f"iptables -I DOCKER-USER -i {h.LAN_LINK} -j ACCEPT && "
         f"iptables -I DOCKER-USER -o {h.LAN_LINK} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
     )
-    assert f"Docker's FORWARD policy DROP drops what {h.LAN_LINK} sends direct" in log, log[-2000:]
-    assert f"allow it: {fix}" in log
+    why = f"Docker's FORWARD policy DROP drops what {h.LAN_LINK} sends direct"
+    assert why in log and f"allow it: {fix}" in log, log[-2000:]
+    assert_reported(status_bus, why, f"allow it: {fix}")
     with pytest.raises(AssertionError, match="curl rc"):  # the report is true: bypassed traffic dies
         h.send("tcp", h.CLI, h.CLIENT.v4, h.SERVER_USER_CIDR.v4)
     size = daemon.log_size()
     h.in_ns(h.GW, "sh", "-c", fix)  # the admin runs the command the report gives
     try:
         daemon.wait_log("state active", 10, after=size)
+        props = status_bus.properties()
+        assert (props["State"], props["LastError"]) == ("active", ""), props
         lab.proofs.direct(h.send("tcp", h.CLI, h.CLIENT.v4, h.SERVER_USER_CIDR.v4))
     finally:
         h.in_ns(h.GW, "sh", "-c", fix.replace("-I DOCKER-USER", "-D DOCKER-USER"))

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from tests import support
+from tests.integration.harness import PrivateBus
 
 from . import harness as h
 from .conftest import StartDaemon
 from .firewalld import Firewalld, missing
-from .neighbours import all_proxied
+from .neighbours import all_proxied, assert_reported
 
 pytestmark = pytest.mark.root
 
@@ -131,7 +132,7 @@ def test_stop_and_release_leave_firewalld_as_it_was(
 
 @pytest.mark.flushes_foreign_tables  # firewalld's iptables backend flushes every iptables table
 def test_iptables_backend_is_reported_with_the_command_that_fixes_it(
-    lab: h.Lab, running: Firewalld, start_tproxyd: StartDaemon
+    lab: h.Lab, running: Firewalld, start_tproxyd: StartDaemon, status_bus: PrivateBus
 ) -> None:
     conf = running.config / "firewalld.conf"
     stock = conf.read_text()
@@ -140,12 +141,16 @@ def test_iptables_backend_is_reported_with_the_command_that_fixes_it(
     h.in_ns(h.GW, "nft", "delete", "table", "ip", "nat")  # the foreign Docker-like table: iptables-incompatible
     try:
         running.start()
-        daemon = start_tproxyd()
+        daemon = start_tproxyd(bus_address=status_bus.address)
         daemon.wait_log("state degraded", 10)
         log = daemon.log_text()
-        assert "firewalld runs its iptables backend" in log, log[-2000:]
-        assert "sed -i 's/^FirewallBackend=.*/FirewallBackend=nftables/' /etc/firewalld/firewalld.conf" in log
-        assert "systemctl restart firewalld" in log
+        why = "firewalld runs its iptables backend"
+        fix = (
+            "sed -i 's/^FirewallBackend=.*/FirewallBackend=nftables/' /etc/firewalld/firewalld.conf"
+            " && systemctl restart firewalld"
+        )
+        assert why in log and fix in log, log[-2000:]
+        assert_reported(status_bus, why, fix)
     finally:
         running.stop()
         conf.write_text(stock)

@@ -57,6 +57,26 @@ def test_reload_refuses_unbounded_list_files(daemon: h.Tproxyd, bus: h.PrivateBu
     assert daemon.rss_kb() < 200_000
 
 
+def test_reload_with_a_missing_list_file_names_the_key_and_line_and_keeps_the_config(
+    daemon: h.Tproxyd, bus: h.PrivateBus, tmp_path: Path
+) -> None:
+    listed = tmp_path / "list.txt"
+    listed.write_text("45.67.0.0/16\n")
+    write_config(daemon, f'files = ["{listed}"]')
+    assert bus.call("Reload").error is None
+    assert "45.67.0.0/16" in daemon.netns.nft_table()
+    before = (daemon.netns.kernel_state(), bus.properties())
+    missing = tmp_path / "missing.txt"
+    write_config(daemon, f'files = ["{missing}"]')
+    line = next(n for n, text in enumerate(daemon.config.read_text().splitlines(), 1) if text.startswith("files"))
+    reply = bus.call("Reload")
+    assert reply.error == names.ERROR_INVALID_CONFIG, reply
+    assert reply.message == (
+        f"{daemon.config}:{line}: bypass.files: cannot read CIDR list file {missing}: No such file or directory"
+    )
+    assert (daemon.netns.kernel_state(), bus.properties()) == before  # the running config is kept
+
+
 @pytest.fixture
 def slow_list(tmp_path: Path) -> Path:
     """Within the default limits (1M lines), yet seconds of parsing on this machine class."""
