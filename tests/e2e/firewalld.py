@@ -26,12 +26,13 @@ def missing() -> str | None:
 
 
 class Firewalld:
-    def __init__(self, workdir: Path, ns: str) -> None:
+    def __init__(self, workdir: Path, ns: str, bus_address: str | None = None) -> None:
+        """On a bus of its own (start_bus), or on `bus_address`, one that loads BUS_POLICY."""
         self.dir = workdir
         self.ns = ns
         self.config = workdir / "etc"
         self.bus_dir = workdir / "bus"
-        self.address = f"unix:path={self.bus_dir}/system_bus_socket"
+        self.address = bus_address or f"unix:path={self.bus_dir}/system_bus_socket"
         self.bus: subprocess.Popen[bytes] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -46,10 +47,11 @@ class Firewalld:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )  # fmt: skip
         wait_until(lambda: (self.bus_dir / "system_bus_socket").exists(), 10, "firewalld's private bus")
-        shutil.copytree(STOCK_CONFIG, self.config)  # the stock configuration, never the host's files
 
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None
+        if not self.config.exists():
+            shutil.copytree(STOCK_CONFIG, self.config)  # the stock configuration, never the host's files
         with (self.dir / "firewalld.log").open("ab") as out:
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.ns, "sh", "-c", _LAUNCH, "firewalld",

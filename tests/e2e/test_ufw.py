@@ -1,11 +1,13 @@
 """tproxyd beside a real ufw (enabled: default deny incoming, INPUT policy DROP) in the gateway
 namespace: lan and host mode proxy TCP and UDP over IPv4 and IPv6, ufw still drops what it does
-not allow to the gateway itself, `ufw reload` and disable/enable are followed, and stopping
-tproxyd leaves ufw's rules (iptables-save) exactly as they were."""
+not allow to the gateway itself, ufw enabled after tproxyd, `ufw reload` and disable/enable are
+followed, and releasing the lan link or stopping tproxyd leaves ufw's rules (iptables-save)
+exactly as they were."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -64,9 +66,14 @@ def test_ufw_still_drops_gateway_ports_it_does_not_allow(lab: h.Lab, ufw: Ufw, s
         h.stop_process(server)
 
 
-def test_follows_ufw_reload_and_re_enable(lab: h.Lab, ufw: Ufw, start_tproxyd: StartDaemon) -> None:
-    daemon = start_tproxyd()
-    h.wait_until(_admitted, 10, "tproxyd's rule in ufw's input chains")
+def test_follows_a_late_enable_ufw_reload_and_re_enable(lab: h.Lab, ufw: Ufw, start_tproxyd: StartDaemon) -> None:
+    ufw.cmd("disable")
+    try:
+        daemon = start_tproxyd()  # ufw not enabled: its INPUT policy accepts
+    finally:
+        ufw.cmd("--force", "enable")  # ufw after tproxyd
+    h.wait_until(_admitted, 15, "tproxyd's rule after ufw was enabled")
+    all_proxied(lab)
     ufw.cmd("reload")  # rebuilds ufw's chains without our rule
     h.wait_until(_admitted, 15, "tproxyd's rule after ufw reload")
     all_proxied(lab)
@@ -77,9 +84,17 @@ def test_follows_ufw_reload_and_re_enable(lab: h.Lab, ufw: Ufw, start_tproxyd: S
     assert daemon.running
 
 
-def test_stop_leaves_ufw_rules_as_they_were(lab: h.Lab, ufw: Ufw, start_tproxyd: StartDaemon) -> None:
+def test_stop_and_release_leave_ufw_rules_as_they_were(
+    lab: h.Lab, ufw: Ufw, start_tproxyd: StartDaemon, tmp_path: Path
+) -> None:
     before = ufw.iptables_save()
-    daemon = start_tproxyd()
+    config = h.TproxydConfig(tmp_path / "conf")
+    daemon = start_tproxyd(config)
     h.wait_until(_admitted, 10, "tproxyd's rule in ufw's input chains")
+    # Releasing the only lan link takes the rule out; host mode needs none (ufw accepts lo).
+    daemon.reload(h.TproxydConfig(config.workdir, links={h.UP_LINK: "host"}))
+    h.wait_until(lambda: ufw.iptables_save() == before, 10, "tproxyd's rules gone after the lan link was released")
+    daemon.reload(config)
+    h.wait_until(_admitted, 10, "tproxyd's rule back with the lan link")
     assert daemon.terminate() == 0
     assert ufw.iptables_save() == before

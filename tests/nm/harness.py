@@ -42,6 +42,7 @@ from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from tests.e2e import harness as e2e
+from tests.e2e.firewalld import BUS_POLICY as FIREWALLD_BUS_POLICY
 from tests.integration.harness import BUS_CONF, plain  # the same system-like bus, one more socket
 from tproxy_service.bus import names
 
@@ -312,6 +313,8 @@ class Sandbox:
         for policy in NM_BUS_POLICIES:
             shutil.copy(SYSTEM_BUS_POLICIES / policy, d / "bus" / "system.d")
         shutil.copy(SHIPPED_BUS_POLICY, d / "bus" / "system.d")
+        if FIREWALLD_BUS_POLICY.exists():  # so a test can run firewalld beside NetworkManager
+            shutil.copy(FIREWALLD_BUS_POLICY, d / "bus" / "system.d")
         # Without systemd the bus execs nm-dispatcher itself (SystemdService= would be ignored anyway).
         service = NM_DISPATCHER_SERVICE.read_text()
         (self.services_dir / NM_DISPATCHER_SERVICE.name).write_text(
