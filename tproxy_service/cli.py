@@ -32,6 +32,8 @@ from .bus.names import (
     OBJECT_PATH,
     PROPERTIES_IFACE,
 )
+from .errors import InvalidArgument
+from .model import WITH_AUTO, LinkChoice
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # tproxyd could not apply it (nothing changed), or an unexpected error
@@ -53,7 +55,6 @@ _EXIT_FOR_ERROR = {
     "org.freedesktop.DBus.Error.NoReply": EXIT_UNREACHABLE,
     "org.freedesktop.DBus.Error.Disconnected": EXIT_UNREACHABLE,
 }
-MODES = {"auto": "", "host": "host", "lan": "lan", "both": "both"}
 
 EPILOG = f"""\
 commands:
@@ -189,7 +190,11 @@ def _plain(value: Any) -> Any:
 
 
 def _mode_text(mode: str) -> str:
-    return "auto" if mode == "" else mode
+    """A Links value as the user spells it ("" is auto)."""
+    try:
+        return LinkChoice.from_bus(mode).value
+    except InvalidArgument:  # a newer tproxyd's mode: show it as it is
+        return mode
 
 
 def format_status(props: dict[str, Any]) -> str:
@@ -298,9 +303,11 @@ async def _monitor(client: Client, as_json: bool) -> int:
 
 
 async def _enable(client: Client, ifname: str, mode: str) -> int:
-    if mode not in MODES:
-        raise CliError(f"no such mode {mode!r}: use host, lan, both or auto", EXIT_INVALID)
-    await client.call("EnableLink", "ss", [ifname, MODES[mode]])
+    try:
+        choice = LinkChoice.parse(mode, WITH_AUTO)
+    except InvalidArgument as e:
+        raise CliError(str(e), EXIT_INVALID) from None
+    await client.call("EnableLink", "ss", [ifname, choice.to_bus()])
     props = await client.properties()
     if not props["Enabled"]:
         print(f"{ifname}: {mode}; tproxyd is off, so nothing is proxied (tproxyctl on)")

@@ -12,12 +12,14 @@ from typing import Any
 from .bounded_read import read_text
 from .cidrs import load_cidr_file, parse_cidrs, union
 from .errors import ConfigError, InvalidArgument
-from .ifname import parse_mode, validate_ifname
+from .ifname import validate_ifname
 from .model import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_FILE_LINES,
     DEFAULT_TPROXY_PORT,
+    FIXED_MODES,
     PRIVILEGED_PORTS_END,
+    WITH_AUTO,
     AddressSet,
     AutoPolicy,
     BypassSettings,
@@ -25,6 +27,7 @@ from .model import (
     CoreSettings,
     DnsHijack,
     FailurePolicy,
+    LinkChoice,
     LinkMode,
     NetworkManagerSettings,
     TproxySettings,
@@ -156,7 +159,6 @@ _NM_KEYS: dict[str, Callable[[Any], str | None]] = {
     ),
 }
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-_POLICY_MODES = ("host", "lan", "both", "auto")
 _AUTO_KEYS: dict[str, Callable[[Any], str | None]] = {
     "id": lambda v: None if isinstance(v, str) and v else "must be a connection name (a non-empty string)",
     "uuid": lambda v: (
@@ -166,12 +168,18 @@ _AUTO_KEYS: dict[str, Callable[[Any], str | None]] = {
         None if v in POLICY_TYPES else f"unknown device type {_show(v)} (known: {', '.join(sorted(POLICY_TYPES))})"
     ),
     "shared": _is_bool,
-    "mode": lambda v: (
-        None if v in _POLICY_MODES else f"no such mode {_show(v)}: use {', '.join(repr(m) for m in _POLICY_MODES)}"
-    ),
+    "mode": lambda v: _choice_problem(v, WITH_AUTO),
 }
 _MATCH_KEYS = ("id", "uuid", "type", "shared")
 _TOP_KEYS = {"state_dir", "runtime_dir", "tproxy", "bypass", "links", "core", "networkmanager"}
+
+
+def _choice_problem(value: Any, allowed: tuple[LinkChoice, ...]) -> str | None:
+    try:
+        LinkChoice.parse(value if isinstance(value, str) else str(value), allowed)
+    except InvalidArgument as e:
+        return str(e)
+    return None
 
 
 def _table(src: _Source, data: dict[str, Any], name: str) -> dict[str, Any]:
@@ -219,10 +227,9 @@ def _networkmanager(src: _Source, table: dict[str, Any]) -> NetworkManagerSettin
             raise fail(None, 'needs a mode ("host", "lan", "both" or "auto")')
         if not any(key in entry for key in _MATCH_KEYS):
             raise fail(None, f"needs at least one of {', '.join(_MATCH_KEYS)} to match connections")
-        mode = entry["mode"]
         policies.append(
             AutoPolicy(
-                mode=None if mode == "auto" else LinkMode(mode),
+                mode=LinkChoice(entry["mode"]).mode,
                 id=entry.get("id"),
                 uuid=entry["uuid"].lower() if "uuid" in entry else None,
                 type=entry.get("type"),
@@ -275,13 +282,13 @@ def parse_config(
     if tproxy.route_table in _RESERVED_ROUTE_TABLES:
         raise src.error("tproxy", "route_table", f"{tproxy.route_table} is a kernel-reserved routing table")
 
-    links: dict[str, LinkMode] = {}
+    link_defaults: dict[str, LinkMode] = {}
     for ifname, mode in links_t.items():
         try:
             validate_ifname(ifname)
             if not isinstance(mode, str):
                 raise InvalidArgument(f"mode must be a string, got {_show(mode)}")
-            links[ifname] = parse_mode(mode)
+            link_defaults[ifname] = LinkMode(LinkChoice.parse(mode, FIXED_MODES).value)
         except InvalidArgument as e:
             raise src.error("links", ifname, str(e)) from None
 
@@ -315,7 +322,7 @@ def parse_config(
             max_file_bytes=max_bytes,
             max_file_lines=max_lines,
         ),
-        links=links,
+        link_defaults=link_defaults,
         core=CoreSettings(
             supervise=core_t.get("supervise", True),
             config=_path(base, core_t["config"], src, "core.config") if "config" in core_t else None,

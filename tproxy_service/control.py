@@ -1,5 +1,8 @@
 """The user's choices (per-link modes, the master switch) applied through the engine.
 
+Control alone writes the engine's input (intent.Intent: the config, the choices, NetworkManager's
+facts, the switched-off policy holds) and hands it over in one call.
+
 A change is applied first and persisted only once the kernel took it: when the reconcile pass
 fails (the engine has rolled the kernel back) or the file cannot be written, the previous
 choices are restored too, so a failed call changes nothing. Changes are serialized; each one
@@ -9,30 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from .engine import Engine, EngineStatus
-from .errors import InvalidArgument, KernelError, TproxydError
-from .model import Config, LinkMode, ServiceState
-from .state_store import AUTO, DISABLED, Choices, StateStore, configured_links
+from .errors import KernelError, TproxydError
+from .intent import Intent, log_lines
+from .model import Config, LinkChoice, NmFacts, ServiceState
+from .nm_policy import prune_suppressed
+from .state_store import Choices, StateStore
 
 log = logging.getLogger(__name__)
-
-
-def parse_mode_argument(text: str) -> str:
-    """EnableLink's mode argument -> a persisted choice ("" means auto)."""
-    if text == "":
-        return AUTO
-    if text in {m.value for m in LinkMode}:
-        return text
-    shown = text if len(text) <= 40 else text[:40] + "..."
-    raise InvalidArgument(f"no such mode {shown!r}: use 'host', 'lan', 'both' or '' (auto)")
-
-
-def choice_mode(choice: str) -> LinkMode | None:
-    """A persisted choice -> the engine's mode; None = auto, which the engine resolves from
-    NetworkManager (nm_policy: lan on a shared/hotspot connection, else host)."""
-    return None if choice == AUTO else LinkMode(choice)
 
 
 class Control:
@@ -56,7 +46,7 @@ class Control:
         self._read_config = read_config
         self._apply_config = apply_config
         self._refresh = refresh
-        self._choices = Choices()
+        self._intent = engine.intent
         self._lock = asyncio.Lock()
         self._reload_lock = asyncio.Lock()
         self._listeners: list[Callable[[], None]] = []
@@ -65,12 +55,12 @@ class Control:
 
     @property
     def enabled(self) -> bool:
-        return self._choices.enabled is not False
+        return self._intent.enabled
 
     @property
-    def links(self) -> dict[str, str]:
-        """ifname -> "host" | "lan" | "both" | "auto": the config's defaults under the choices."""
-        return configured_links(self._engine.config.links, self._choices)
+    def link_choices(self) -> dict[str, LinkChoice]:
+        """ifname -> host | lan | both | auto: the config's defaults under the choices."""
+        return self._intent.link_choices
 
     @property
     def status(self) -> EngineStatus:
@@ -78,7 +68,7 @@ class Control:
 
     @property
     def config(self) -> Config:
-        return self._engine.config
+        return self._intent.config
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -93,28 +83,35 @@ class Control:
 
     def restore(self) -> None:
         """Load the persisted choices into the engine (before its first pass)."""
-        self._choices = self._store.load()
-        if self._choices.links or self._choices.enabled is not None:
+        choices = self._store.load()
+        if choices.links or choices.enabled is not None:
             log.info("restored saved choices from %s", self._store.path)
-        self._push()
+        self._push(replace(self._intent, choices=choices), "restored choices")
 
     def use_config(self, config: Config) -> int:
         """A new config: its [links] become the defaults under the choices. Returns the ticket."""
-        self._engine.set_config(config)
-        ticket = self._push()
+        ticket = self._push(replace(self._intent, config=config), "config changed")
         self._notify()
         return ticket
 
+    def set_network(self, nm: NmFacts, reason: str) -> int:
+        """New NetworkManager facts (monitors/networkmanager.py); returns the engine's ticket."""
+        before = self._intent.policy_holds
+        intent = replace(self._intent, nm=nm, suppressed=prune_suppressed(self._intent.suppressed, nm))
+        for line in log_lines(before, intent.policy_holds):
+            log.info("%s", line)
+        return self._push(intent, reason)
+
     # --- changes -------------------------------------------------------------------------------
 
-    async def enable_link(self, ifname: str, choice: str) -> None:
+    async def enable_link(self, ifname: str, choice: LinkChoice) -> None:
         await self._change(lambda c: Choices(c.enabled, {**c.links, ifname: choice}))
 
     async def disable_link(self, ifname: str) -> None:
         def disable(c: Choices) -> Choices:
             links = {k: v for k, v in c.links.items() if k != ifname}
-            if ifname in self._engine.config.links:  # a default: remember that it was switched off
-                links[ifname] = DISABLED
+            if ifname in self.config.link_defaults:  # a default: remember that it was switched off
+                links[ifname] = LinkChoice.DISABLED
             return Choices(c.enabled, links)
 
         # A link a [[networkmanager.auto]] policy holds goes off too, until its connection leaves
@@ -139,7 +136,7 @@ class Control:
         async with self._reload_lock:
             config = await self._read_config()
             async with self._lock:
-                previous = self._engine.config
+                previous = self.config
                 status = await self._engine.wait_for(await self._apply_config(config))
                 if status.state is ServiceState.FAILED:
                     error = status.last_error
@@ -148,36 +145,37 @@ class Control:
 
     async def _change(self, update: Callable[[Choices], Choices], release_policy: str | None = None) -> None:
         async with self._lock:
-            previous = self._choices
-            new = update(previous)
-            released = release_policy is not None and self._engine.suppress_policy(release_policy)
-            if new == previous and not released:
+            before = self._intent
+            new = update(before.choices)
+            hold = before.policy_holds.get(release_policy) if release_policy is not None else None
+            if new == before.choices and hold is None:
                 return  # idempotent: nothing to apply or write
-            self._choices = new
-            status = await self._engine.wait_for(self._push())
+            suppressed = before.suppressed | ({(hold.connection.ifname, hold.connection.uuid)} if hold else set())
+            status = await self._engine.wait_for(
+                self._push(replace(before, choices=new, suppressed=suppressed), "choices changed")
+            )
             if status.state is ServiceState.FAILED:
                 error = status.last_error
-                await self._revert(previous, release_policy if released else None)
+                await self._revert(before)
                 raise KernelError(f"applying the change failed and was rolled back: {error}")
-            if new != previous:
+            if new != before.choices:
                 try:
                     await asyncio.to_thread(self._store.save, new)
                 except OSError as e:
-                    await self._revert(previous, release_policy if released else None)
+                    await self._revert(before)
                     raise TproxydError(f"could not save the choice in {self._store.path}: {e.strerror}") from None
             self._notify()
 
-    async def _revert(self, previous: Choices, released: str | None = None) -> None:
-        self._choices = previous
-        if released is not None:
-            self._engine.unsuppress_policy(released)
-        await self._engine.wait_for(self._push())
+    async def _revert(self, before: Intent) -> None:
+        """Back to the choices and suppressions before a failed change (newer facts kept)."""
+        await self._engine.wait_for(
+            self._push(replace(self._intent, choices=before.choices, suppressed=before.suppressed), "change reverted")
+        )
         self._notify()
 
-    def _push(self) -> int:
-        links: Mapping[str, LinkMode | None] = {name: choice_mode(c) for name, c in self.links.items()}
-        self._engine.set_links(links)
-        return self._engine.set_enabled(self.enabled)
+    def _push(self, intent: Intent, reason: str) -> int:
+        self._intent = intent
+        return self._engine.want(intent, reason)
 
     def _notify(self) -> None:
         for listener in self._listeners:

@@ -137,13 +137,13 @@ class Daemon:
     async def _follow_nm(self, enabled: bool) -> None:
         """Start or stop following NetworkManager ([networkmanager] enabled)."""
         if enabled and self.nm is None:
-            self.nm = NetworkManagerMonitor(self.engine.set_network, lambda reason: self.engine.reapply(reason))
+            self.nm = NetworkManagerMonitor(self.control.set_network, lambda reason: self.engine.reapply(reason))
             await self.nm.start()
         elif not enabled and self.nm is not None:
             await self.nm.stop()
             self.nm = None
             log.info("not following NetworkManager ([networkmanager] enabled = false)")
-            self.engine.set_network(NmFacts(), "stopped following NetworkManager")
+            self.control.set_network(NmFacts(), "stopped following NetworkManager")
 
     async def _bus_back(self) -> None:
         """The system bus came (back): NetworkManager is followed on a connection of its own,
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tproxyd: config error: {e}", file=sys.stderr)
         return 2
     if args.check:
-        print(f"{args.config}: OK ({len(config.links)} links configured)")
+        print(f"{args.config}: OK ({len(config.link_defaults)} links configured)")
         return 0
     if args.release:
         asyncio.run(release(config))

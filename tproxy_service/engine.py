@@ -17,8 +17,8 @@ from typing import Protocol
 
 from .desired import bypass_set, compute_desired, service_state, too_wide_subnets, with_core
 from .errors import KernelError
-from .model import Config, CoreStatus, DesiredState, Facts, LinkMode, NftState, NmFacts, RoutingState, ServiceState
-from .nm_policy import PolicyHold, effective_links, policy_holds, prune_suppressed
+from .intent import Intent
+from .model import Config, CoreStatus, DesiredState, Facts, LinkMode, NftState, RoutingState, ServiceState
 from .rules.nft import SetChange, element_changes
 from .rules.routing import build_routing
 
@@ -107,15 +107,9 @@ class Engine:
         self._core = core
         self._core_was_ready = False
         self._listeners: list[Callable[[EngineStatus], None]] = []
-        self._config = config
+        # What the user wants (the config, the choices, NetworkManager's facts): Control's to write.
+        self._intent = Intent(config)
         self._bypass = bypass_set(config)
-        # The manual choices: ifname -> mode, None = auto (lan on a shared NM connection, else host).
-        self._links: dict[str, LinkMode | None] = dict(config.links)
-        # NetworkManager facts (monitors/networkmanager.py) and the policy holds switched off by
-        # DisableLink: with the choices, the input of nm_policy.effective_links (pure).
-        self._nm = NmFacts()
-        self._suppressed: frozenset[tuple[str, str]] = frozenset()
-        self._enabled = True
         self._applied = _Applied()
         self._too_wide: tuple[str, ...] = ()  # connected prefixes logged as too wide to bypass
         self._nft_drift = False
@@ -135,65 +129,32 @@ class Engine:
 
     @property
     def config(self) -> Config:
-        return self._config
+        return self._intent.config
 
     @property
-    def links(self) -> Mapping[str, LinkMode]:
-        """Every link to proxy, with its mode: the manual choices (auto resolved) and the links
-        a [[networkmanager.auto]] policy holds."""
-        return effective_links(self._links, self._config.networkmanager, self._nm, self._suppressed)
+    def intent(self) -> Intent:
+        return self._intent
 
-    def policy_holds(self) -> dict[str, PolicyHold]:
-        """Links proxied by a [[networkmanager.auto]] policy right now (manual choices aside)."""
-        holds = policy_holds(self._config.networkmanager, self._nm, self._suppressed)
-        return {name: hold for name, hold in holds.items() if name not in self._links}
+    @property
+    def proxied_links(self) -> Mapping[str, LinkMode]:
+        """Every link to proxy, with its mode (see Intent.proxied_links)."""
+        return self._intent.proxied_links
 
     @property
     def diverting(self) -> bool:
         """Our table is (as far as we know) in the kernel."""
         return self._applied.nft is not None
 
-    @property
-    def enabled(self) -> bool:
-        return self._enabled
-
     def add_listener(self, listener: Callable[[EngineStatus], None]) -> None:
         """Called with the new status after every pass that changed it."""
         self._listeners.append(listener)
 
-    def set_config(self, config: Config) -> int:
-        self._config = config
-        self._bypass = bypass_set(config)
-        return self.request("config changed")
-
-    def set_links(self, links: Mapping[str, LinkMode | None]) -> int:
-        """The manual choices; None is auto."""
-        self._links = dict(links)
-        return self.request("links changed")
-
-    def set_network(self, nm: NmFacts, reason: str) -> int:
-        """New NetworkManager facts: one request (only set elements change when only links do)."""
-        before = self.policy_holds()
-        self._nm = nm
-        self._suppressed = prune_suppressed(self._suppressed, nm)
-        _log_holds(before, self.policy_holds())
+    def want(self, intent: Intent, reason: str) -> int:
+        """What the user wants now (Control's one call); returns the ticket of the pass that applies it."""
+        if intent.config is not self._intent.config:
+            self._bypass = bypass_set(intent.config)
+        self._intent = intent
         return self.request(reason)
-
-    def suppress_policy(self, ifname: str) -> bool:
-        """DisableLink of a link a policy holds: off until its connection leaves the link. False
-        when no policy holds it."""
-        hold = self.policy_holds().get(ifname)
-        if hold is None:
-            return False
-        self._suppressed |= {(ifname, hold.connection.uuid)}
-        return True
-
-    def unsuppress_policy(self, ifname: str) -> None:
-        self._suppressed = frozenset(s for s in self._suppressed if s[0] != ifname)
-
-    def set_enabled(self, enabled: bool) -> int:
-        self._enabled = enabled
-        return self.request("enabled" if enabled else "disabled")
 
     def reapply(self, reason: str = "reapply") -> int:
         """A pass that also re-checks what others may have removed: policy routing is re-ensured
@@ -226,8 +187,8 @@ class Engine:
         taken over in place. A failure is left to the first pass."""
         try:
             facts = await self._facts.read()
-            desired = compute_desired(self._config, self.links, self._enabled, facts, self._bypass)
-            desired = with_core(desired, False, self._config.tproxy.failure_policy)
+            desired = compute_desired(self.config, self.proxied_links, self._intent.enabled, facts, self._bypass)
+            desired = with_core(desired, False, self.config.tproxy.failure_policy)
             if desired.nft is None:
                 return
             await self._apply(self._applied, desired, False, False)
@@ -279,13 +240,13 @@ class Engine:
                 EngineStatus(ServiceState.FAILED, (), f"reading network state failed: {e}", self.status.core_state)
             )
             return
-        nm = self._config.networkmanager
+        nm = self.config.networkmanager
         standby = nm.enabled and bool(nm.auto)  # policy links come and go: keep the table armed
-        desired = compute_desired(self._config, self.links, self._enabled, facts, self._bypass, standby)
+        desired = compute_desired(self.config, self.proxied_links, self._intent.enabled, facts, self._bypass, standby)
         self._log_too_wide(facts)
         wanted = desired.nft is not None
         core = await self._drive_core(wanted)
-        policy = self._config.tproxy.failure_policy
+        policy = self.config.tproxy.failure_policy
         desired = with_core(desired, core.ready, policy)
         previous = self._applied
         try:
@@ -308,14 +269,14 @@ class Engine:
     async def _admit(self, nft: NftState | None) -> str:
         """Let the host firewalls admit what lan links divert (host links re-enter via lo, which
         firewalls accept). Returns the first problem one reports, for LastError."""
-        mark = self._config.tproxy.mark if nft is None else nft.settings.mark
+        mark = self.config.tproxy.mark if nft is None else nft.settings.mark
         lan_links = frozenset() if nft is None else frozenset(nft.lan_links)
         problems = [p for p in [await fw.admit(mark, lan_links) for fw in self._firewalls] if p]
         return problems[0] if problems else ""  # _publish logs it with the state
 
     def _log_too_wide(self, facts: Facts) -> None:
         """Say (once per change) which connected prefixes are too wide to bypass."""
-        bypass = self._config.bypass
+        bypass = self.config.bypass
         too_wide = too_wide_subnets(facts, bypass) if bypass.local_subnets else ()
         if too_wide and too_wide != self._too_wide:
             log.warning(
@@ -340,7 +301,7 @@ class Engine:
         if desired.nft is None:
             if prev.nft is not None or not prev.known or nft_drift:
                 await self._nft.delete()
-            stale = prev.routing if prev.known else build_routing(self._config.tproxy)
+            stale = prev.routing if prev.known else build_routing(self.config.tproxy)
             if stale.rules or stale.routes:
                 await self._routing.remove(stale)
             return
@@ -397,21 +358,5 @@ class Engine:
             await self._admit(None)
             await self._nft.delete()
             # What we applied, and what the current config would apply (a crashed run's leftovers).
-            await self._routing.remove(_union(self._applied.routing, build_routing(self._config.tproxy)))
+            await self._routing.remove(_union(self._applied.routing, build_routing(self.config.tproxy)))
             self._applied = _Applied(known=True)
-
-
-def _log_holds(before: Mapping[str, PolicyHold], after: Mapping[str, PolicyHold]) -> None:
-    """Say why a link starts or stops being proxied without anyone asking for it."""
-    for name in sorted(before.keys() - after.keys()):
-        log.info("%s: released (connection %r left it)", name, before[name].connection.id)
-    for name, hold in sorted(after.items()):
-        prev = before.get(name)
-        if prev is None or (prev.mode, prev.connection.uuid) != (hold.mode, hold.connection.uuid):
-            log.info(
-                "%s: proxied as %s while connection %r is on it (networkmanager.auto[%d])",
-                name,
-                hold.mode,
-                hold.connection.id,
-                hold.entry,
-            )

@@ -1,9 +1,8 @@
-"""Validation of kernel interface names and link modes (shared by config and D-Bus)."""
+"""Validation of kernel interface names (shared by config, state and D-Bus)."""
 
 from __future__ import annotations
 
 from .errors import InvalidArgument
-from .model import LinkMode
 
 IFNAMSIZ = 16  # including the trailing NUL
 
@@ -20,11 +19,3 @@ def validate_ifname(name: str) -> str:
         if ch in "/:" or ch.isspace() or not ch.isprintable():
             raise InvalidArgument(f"interface name {shown} contains a character the kernel rejects ({ch!r})")
     return name
-
-
-def parse_mode(text: str) -> LinkMode:
-    try:
-        return LinkMode(text)
-    except ValueError:
-        choices = ", ".join(repr(m.value) for m in LinkMode)
-        raise InvalidArgument(f"no such mode {text[:40]!r}: use one of {choices}") from None

@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import InvalidArgument
+
 
 class LinkMode(enum.StrEnum):
     HOST = "host"  # this machine's own traffic leaving via the link
@@ -19,6 +21,56 @@ class LinkMode(enum.StrEnum):
     @property
     def diverts_host(self) -> bool:
         return self in (LinkMode.HOST, LinkMode.BOTH)
+
+
+class LinkChoice(enum.StrEnum):
+    """What the user chose for one link. Its spellings: the config's `[links]` take host, lan and
+    both; a `[[networkmanager.auto]]` mode also auto; state.json all five; D-Bus (EnableLink's mode,
+    the Links property) spells auto "" and never carries disabled."""
+
+    HOST = "host"
+    LAN = "lan"
+    BOTH = "both"
+    AUTO = "auto"  # lan while the link's NetworkManager connection is shared (hotspot), else host
+    DISABLED = "disabled"  # saved only: switches a `[links]` default off
+
+    @property
+    def mode(self) -> LinkMode | None:
+        """The mode it proxies with; None for auto (resolved by nm_policy)."""
+        assert self is not LinkChoice.DISABLED, "a disabled link is not proxied"
+        return None if self is LinkChoice.AUTO else LinkMode(self.value)
+
+    @staticmethod
+    def of(mode: LinkMode | None) -> LinkChoice:
+        return LinkChoice.AUTO if mode is None else LinkChoice(mode.value)
+
+    @staticmethod
+    def parse(text: str, allowed: tuple[LinkChoice, ...]) -> LinkChoice:
+        """A config or state spelling; InvalidArgument names the allowed ones."""
+        if text in allowed:
+            return LinkChoice(text)
+        raise InvalidArgument(f"no such mode {_shown(text)}: use {', '.join(repr(c.value) for c in allowed)}")
+
+    @staticmethod
+    def from_bus(text: str) -> LinkChoice:
+        """EnableLink's mode argument."""
+        if text == "":
+            return LinkChoice.AUTO
+        if text in FIXED_MODES:
+            return LinkChoice(text)
+        raise InvalidArgument(f"no such mode {_shown(text)}: use 'host', 'lan', 'both' or '' (auto)")
+
+    def to_bus(self) -> str:
+        return "" if self is LinkChoice.AUTO else self.value
+
+
+FIXED_MODES = (LinkChoice.HOST, LinkChoice.LAN, LinkChoice.BOTH)  # [links] values; on D-Bus also "" (auto)
+WITH_AUTO = (*FIXED_MODES, LinkChoice.AUTO)  # [[networkmanager.auto]] mode, tproxyctl enable --mode
+STATE_CHOICES = tuple(LinkChoice)  # state.json
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:40] + "...")
 
 
 class FailurePolicy(enum.StrEnum):
@@ -145,7 +197,7 @@ class Config:
     runtime_dir: Path = Path("/run/tproxyd")
     tproxy: TproxySettings = field(default_factory=TproxySettings)
     bypass: BypassSettings = field(default_factory=BypassSettings)
-    links: dict[str, LinkMode] = field(default_factory=dict)
+    link_defaults: dict[str, LinkMode] = field(default_factory=dict)  # [links]: modes until a choice overrides
     core: CoreSettings = field(default_factory=CoreSettings)
     networkmanager: NetworkManagerSettings = field(default_factory=NetworkManagerSettings)
     # The user's bypass CIDRs and files, parsed and merged once at load time.

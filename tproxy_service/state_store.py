@@ -20,25 +20,23 @@ from typing import Any
 from .atomic_file import write_atomic
 from .errors import InvalidArgument
 from .ifname import validate_ifname
-from .model import LinkMode
+from .model import STATE_CHOICES, LinkChoice
 
 log = logging.getLogger(__name__)
 
 FILENAME = "state.json"
 VERSION = 1
-AUTO = "auto"  # persisted spelling of EnableLink's "" mode
-DISABLED = "disabled"  # overrides a [links] default
 # Far above any real file (a few bytes per link); anything larger is not ours.
 MAX_BYTES = 1 << 20
-CHOICE_VALUES = frozenset({*(m.value for m in LinkMode), AUTO, DISABLED})
 
 
 @dataclass(frozen=True)
 class Choices:
-    """`enabled` None means "never chosen" (on); `links` maps ifname -> one of CHOICE_VALUES."""
+    """`enabled` None means "never chosen" (on); `links` maps ifname -> the choice made for it
+    (DISABLED switches a `[links]` default off)."""
 
     enabled: bool | None = None
-    links: Mapping[str, str] = field(default_factory=dict)
+    links: Mapping[str, LinkChoice] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"version": VERSION, "enabled": self.enabled, "links": dict(sorted(self.links.items()))}
@@ -57,25 +55,16 @@ class Choices:
         links = data.get("links", {})
         if not isinstance(links, dict):
             raise ValueError("'links' must be an object")
+        parsed: dict[str, LinkChoice] = {}
         for name, value in links.items():
             try:
                 validate_ifname(name)
+                if not isinstance(value, str):
+                    raise InvalidArgument(f"link {name!r} has unknown choice {value!r}")
+                parsed[name] = LinkChoice.parse(value, STATE_CHOICES)
             except InvalidArgument as e:
                 raise ValueError(str(e)) from None
-            if value not in CHOICE_VALUES:
-                raise ValueError(f"link {name!r} has unknown choice {value!r}")
-        return Choices(enabled, dict(links))
-
-
-def configured_links(defaults: Mapping[str, LinkMode], choices: Choices) -> dict[str, str]:
-    """The links in effect: ifname -> "host" | "lan" | "both" | "auto"."""
-    merged: dict[str, str] = {name: mode.value for name, mode in defaults.items()}
-    for name, choice in choices.links.items():
-        if choice == DISABLED:
-            merged.pop(name, None)
-        else:
-            merged[name] = choice
-    return dict(sorted(merged.items()))
+        return Choices(enabled, parsed)
 
 
 class StateStore:

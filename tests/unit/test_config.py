@@ -61,7 +61,7 @@ def test_full_config(tmp_path: Path) -> None:
     c = load_config(path)
     assert c.path == path and c.state_dir == tmp_path / "state"
     assert c.tproxy.port == 7893 and c.tproxy.failure_policy is FailurePolicy.CLOSED and not c.tproxy.ipv6
-    assert c.links == {"wlan0": LinkMode.HOST, "br-lan": LinkMode.LAN, "usb0": LinkMode.BOTH}
+    assert c.link_defaults == {"wlan0": LinkMode.HOST, "br-lan": LinkMode.LAN, "usb0": LinkMode.BOTH}
     assert len(c.user_bypass.v4) == 2 and len(c.user_bypass.v6) == 1
     assert c.bypass.files == (tmp_path / "list.txt",)
     assert c.networkmanager.enabled
@@ -79,7 +79,7 @@ def test_defaults() -> None:
     assert c.tproxy.dns_hijack is DnsHijack.ALL
     assert (c.bypass.local_min_prefix4, c.bypass.local_min_prefix6) == (16, 48)
     assert parse_config("[bypass]\nlocal_min_prefix4 = 8\nlocal_min_prefix6 = 0\n").bypass.local_min_prefix6 == 0
-    assert c.links == {}
+    assert c.link_defaults == {}
     assert c.networkmanager.enabled and c.networkmanager.auto == ()
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tproxy_service.control import Control, parse_mode_argument
+from tproxy_service.control import Control
 from tproxy_service.engine import Engine
 from tproxy_service.errors import InvalidArgument, KernelError, TproxydError
-from tproxy_service.model import Config, LinkMode
+from tproxy_service.model import Config, LinkChoice, LinkMode
 from tproxy_service.state_store import Choices, StateStore
 
 from .test_engine import FakeFacts, FakeNft, FakeRouting, run
@@ -19,7 +19,7 @@ from .test_engine import FakeFacts, FakeNft, FakeRouting, run
 
 def make(tmp_path: Path, links: dict[str, LinkMode] | None = None) -> tuple[Control, Engine, FakeRouting, StateStore]:
     nft, routing = FakeNft(), FakeRouting()
-    engine = Engine(Config(links=links or {"eth0": LinkMode.LAN}), nft, routing, FakeFacts())
+    engine = Engine(Config(link_defaults=links or {"eth0": LinkMode.LAN}), nft, routing, FakeFacts())
     store = StateStore(tmp_path)
 
     async def read_config() -> Config:
@@ -33,10 +33,16 @@ def make(tmp_path: Path, links: dict[str, LinkMode] | None = None) -> tuple[Cont
 
 
 def test_mode_argument() -> None:
-    assert [parse_mode_argument(m) for m in ("", "host", "lan", "both")] == ["auto", "host", "lan", "both"]
+    assert [LinkChoice.from_bus(m) for m in ("", "host", "lan", "both")] == ["auto", "host", "lan", "both"]
+    assert [c.to_bus() for c in (LinkChoice.AUTO, LinkChoice.HOST, LinkChoice.LAN, LinkChoice.BOTH)] == [
+        "",
+        "host",
+        "lan",
+        "both",
+    ]
     for bad in ("auto", "Host", "disabled", "x" * 1000):
         with pytest.raises(InvalidArgument, match="no such mode"):
-            parse_mode_argument(bad)
+            LinkChoice.from_bus(bad)
 
 
 def test_enable_disable_saved_and_applied(tmp_path: Path) -> None:
@@ -45,11 +51,11 @@ def test_enable_disable_saved_and_applied(tmp_path: Path) -> None:
     async def scenario() -> None:
         control.restore()
         engine.start()
-        await control.enable_link("wlan0", "auto")
-        assert engine.links == {"eth0": LinkMode.LAN, "wlan0": LinkMode.HOST}  # auto is host for now
+        await control.enable_link("wlan0", LinkChoice.AUTO)
+        assert engine.proxied_links == {"eth0": LinkMode.LAN, "wlan0": LinkMode.HOST}  # auto is host for now
         await control.disable_link("eth0")
         await control.set_enabled(False)
-        assert control.links == {"wlan0": "auto"} and not control.enabled and not engine.enabled
+        assert control.link_choices == {"wlan0": "auto"} and not control.enabled and not engine.intent.enabled
         await engine.stop(remove=False)
 
     run(scenario)
@@ -69,7 +75,7 @@ def test_failed_apply_restores_choices_and_saves_nothing(tmp_path: Path) -> None
         routing.fail_ensure = True
         with pytest.raises(KernelError, match="rolled back"):
             await control.set_enabled(True)
-        assert not control.enabled and not engine.enabled
+        assert not control.enabled and not engine.intent.enabled
         assert store.path.read_text() == saved
         await engine.stop(remove=False)
 
@@ -87,8 +93,8 @@ def test_unsavable_choice_is_rolled_back(tmp_path: Path) -> None:
         control.restore()
         engine.start()
         with pytest.raises(TproxydError, match="could not save"):
-            await control.enable_link("wlan0", "host")
-        assert control.links == {"eth0": "lan"} and "wlan0" not in engine.links
+            await control.enable_link("wlan0", LinkChoice.HOST)
+        assert control.link_choices == {"eth0": "lan"} and "wlan0" not in engine.proxied_links
         await engine.stop(remove=False)
 
     run(scenario)
@@ -100,10 +106,10 @@ def test_repeated_choice_writes_nothing(tmp_path: Path) -> None:
     async def scenario() -> None:
         control.restore()
         engine.start()
-        await control.enable_link("wlan0", "lan")
+        await control.enable_link("wlan0", LinkChoice.LAN)
         first = store.path.stat().st_mtime_ns, store.path.stat().st_ino
         passes = engine.passes
-        await control.enable_link("wlan0", "lan")
+        await control.enable_link("wlan0", LinkChoice.LAN)
         await control.disable_link("never-enabled")
         assert (store.path.stat().st_mtime_ns, store.path.stat().st_ino) == first
         assert engine.passes == passes
@@ -118,12 +124,12 @@ def test_new_config_defaults_stay_under_choices(tmp_path: Path) -> None:
     async def scenario() -> None:
         control.restore()
         engine.start()
-        await control.enable_link("eth0", "both")
+        await control.enable_link("eth0", LinkChoice.BOTH)
         ticket = control.use_config(
-            dataclasses.replace(engine.config, links={"eth0": LinkMode.HOST, "eth1": LinkMode.LAN})
+            dataclasses.replace(engine.config, link_defaults={"eth0": LinkMode.HOST, "eth1": LinkMode.LAN})
         )
         await engine.wait_for(ticket)
-        assert control.links == {"eth0": "both", "eth1": "lan"}
+        assert control.link_choices == {"eth0": "both", "eth1": "lan"}
         await engine.stop(remove=False)
 
     run(scenario)

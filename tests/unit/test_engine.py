@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import TypeVar
 
 import pytest
@@ -20,6 +21,7 @@ from tproxy_service.model import (
     CoreStatus,
     Facts,
     FailurePolicy,
+    LinkChoice,
     LinkFact,
     LinkMode,
     NftState,
@@ -28,6 +30,7 @@ from tproxy_service.model import (
     TproxySettings,
 )
 from tproxy_service.rules.nft import SetChange
+from tproxy_service.state_store import Choices
 
 T = TypeVar("T")
 
@@ -98,9 +101,26 @@ def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(coro_fn())  # type: ignore[arg-type]
 
 
+def choose(engine: Engine, links: Mapping[str, LinkMode | None]) -> int:
+    """Tell the engine (as Control would) that exactly `links` are chosen; None is auto."""
+    chosen = {name: LinkChoice.DISABLED for name in engine.config.link_defaults if name not in links}
+    chosen |= {name: LinkChoice.of(mode) for name, mode in links.items()}
+    intent = engine.intent
+    return engine.want(replace(intent, choices=Choices(intent.choices.enabled, chosen)), "links changed")
+
+
+def switch(engine: Engine, enabled: bool) -> int:
+    intent = engine.intent
+    return engine.want(replace(intent, choices=Choices(enabled, intent.choices.links)), "switched")
+
+
+def configure(engine: Engine, config: Config) -> int:
+    return engine.want(replace(engine.intent, config=config), "config changed")
+
+
 def make(links: dict[str, LinkMode] | None = None) -> tuple[Engine, FakeNft, FakeRouting, FakeFacts]:
     nft, routing, facts = FakeNft(), FakeRouting(), FakeFacts()
-    config = Config(links=links if links is not None else {"eth0": LinkMode.LAN})
+    config = Config(link_defaults=links if links is not None else {"eth0": LinkMode.LAN})
     return Engine(config, nft, routing, facts), nft, routing, facts
 
 
@@ -136,7 +156,7 @@ def test_link_toggle_is_an_element_update_not_a_replace() -> None:
         engine.start()
         await engine.reconcile("startup")
         routing.calls.clear()
-        await engine.wait_for(engine.set_links({"eth0": LinkMode.LAN, "wlan0": LinkMode.HOST}))
+        await engine.wait_for(choose(engine, {"eth0": LinkMode.LAN, "wlan0": LinkMode.HOST}))
         assert nft.calls == ["replace", "elements:host_links"]
         assert routing.calls == []  # routing unchanged: not touched
         assert engine.status.active_links == ("eth0",)  # wlan0 configured but absent
@@ -152,7 +172,7 @@ def test_idempotent_pass_changes_nothing() -> None:
         await engine.reconcile("startup")
         calls = (list(nft.calls), list(routing.calls))
         await engine.reconcile("again")
-        await engine.wait_for(engine.set_links({"eth0": LinkMode.LAN}))
+        await engine.wait_for(choose(engine, {"eth0": LinkMode.LAN}))
         assert (nft.calls, routing.calls) == calls
         await engine.stop()
 
@@ -196,7 +216,7 @@ def test_failed_element_update_falls_back_to_replace() -> None:
         engine.start()
         await engine.reconcile("startup")
         nft.fail_elements = True
-        status = await engine.wait_for(engine.set_links({"eth1": LinkMode.LAN}))
+        status = await engine.wait_for(choose(engine, {"eth1": LinkMode.LAN}))
         assert nft.calls[-2:] == ["elements:lan_links", "replace"]
         assert status.state is ServiceState.ACTIVE
         assert nft.table is not None and nft.table.lan_links == {"eth1"}
@@ -213,8 +233,8 @@ def test_failed_routing_rolls_back_to_previous_state() -> None:
         good_table, good_routes = nft.table, set(routing.installed)
         routing.fail_ensure = True
         # A config change that needs new routing (other table): ensure fails -> rollback.
-        bad = Config(links={"eth0": LinkMode.LAN}, tproxy=type(engine.config.tproxy)(route_table=200))
-        status = await engine.wait_for(engine.set_config(bad))
+        bad = Config(link_defaults={"eth0": LinkMode.LAN}, tproxy=type(engine.config.tproxy)(route_table=200))
+        status = await engine.wait_for(configure(engine, bad))
         assert status.state is ServiceState.FAILED and "ip rule add failed" in status.last_error
         assert nft.table == good_table
         routing.fail_ensure = False
@@ -231,8 +251,8 @@ def test_failed_replace_reports_and_keeps_previous() -> None:
         await engine.reconcile("startup")
         good = nft.table
         nft.fail_replace = True
-        bad = Config(links={"eth0": LinkMode.LAN}, tproxy=type(engine.config.tproxy)(port=999))
-        status = await engine.wait_for(engine.set_config(bad))
+        bad = Config(link_defaults={"eth0": LinkMode.LAN}, tproxy=type(engine.config.tproxy)(port=999))
+        status = await engine.wait_for(configure(engine, bad))
         assert status.state is ServiceState.FAILED and status.last_error == "replace failed"
         assert nft.table is good
         nft.fail_replace = False
@@ -253,9 +273,9 @@ def test_clean_rollback_restores_previous_state_and_keeps_the_cache() -> None:
         await engine.reconcile("startup")
         good_config, good_table, good_routes = engine.config, nft.table, set(routing.installed)
         # New routing table and port: the routing is switched first, then the table replace fails.
-        bad = Config(links={"eth0": LinkMode.LAN}, tproxy=TproxySettings(port=999, route_table=200))
+        bad = Config(link_defaults={"eth0": LinkMode.LAN}, tproxy=TproxySettings(port=999, route_table=200))
         nft.fail_next_replace = True
-        status = await engine.wait_for(engine.set_config(bad))
+        status = await engine.wait_for(configure(engine, bad))
         assert status.state is ServiceState.FAILED and status.last_error == "replace failed"
         assert nft.calls == ["replace", "replace", "replace"], "startup, the failed one, the rollback's"
         assert nft.table is good_table
@@ -263,7 +283,7 @@ def test_clean_rollback_restores_previous_state_and_keeps_the_cache() -> None:
         # A clean rollback keeps the engine's record of what is applied: going back to the old
         # config is a pass with nothing to do (after a failed rollback it would rebuild everything).
         nft_calls, routing_calls = list(nft.calls), list(routing.calls)
-        status = await engine.wait_for(engine.set_config(good_config))
+        status = await engine.wait_for(configure(engine, good_config))
         assert status.state is ServiceState.ACTIVE
         assert (nft.calls, routing.calls) == (nft_calls, routing_calls)
         await engine.stop()
@@ -293,9 +313,9 @@ def test_disable_removes_everything_and_stop_cleans_up() -> None:
         engine, nft, routing, _ = make()
         engine.start()
         await engine.reconcile("startup")
-        status = await engine.wait_for(engine.set_enabled(False))
+        status = await engine.wait_for(switch(engine, False))
         assert status.state is ServiceState.OFF and nft.table is None and not routing.installed
-        await engine.wait_for(engine.set_enabled(True))
+        await engine.wait_for(switch(engine, True))
         assert nft.table is not None
         await engine.stop(remove=True)
         assert nft.table is None and not routing.installed
@@ -310,7 +330,7 @@ def test_listener_sees_status_changes() -> None:
         engine.add_listener(lambda s: seen.append(s.state))
         engine.start()
         await engine.reconcile("startup")
-        await engine.wait_for(engine.set_enabled(False))
+        await engine.wait_for(switch(engine, False))
         assert seen == [ServiceState.ACTIVE, ServiceState.OFF]
         await engine.stop()
 
@@ -342,7 +362,7 @@ class FakeCore:
 
 def make_with_core(policy: FailurePolicy) -> tuple[Engine, FakeNft, FakeCore]:
     nft, routing, facts, core = FakeNft(), FakeRouting(), FakeFacts(), FakeCore()
-    config = Config(links={"eth0": LinkMode.BOTH}, tproxy=TproxySettings(failure_policy=policy))
+    config = Config(link_defaults={"eth0": LinkMode.BOTH}, tproxy=TproxySettings(failure_policy=policy))
     return Engine(config, nft, routing, facts, core), nft, core
 
 
@@ -362,7 +382,7 @@ def test_core_lifecycle_open_policy() -> None:
         status = await engine.reconcile("core failed")
         assert status.state is ServiceState.DEGRADED and "nothing listens" in status.last_error
         assert status.active_links == () and nft.calls[-1] == "elements:host_links,lan_links"
-        await engine.wait_for(engine.set_enabled(False))
+        await engine.wait_for(switch(engine, False))
         assert core.wants[-1] is False and engine.status.state is ServiceState.OFF
         await engine.stop()
 
@@ -397,13 +417,13 @@ class FakeFirewall:
 def test_host_firewalls_admit_our_mark_only_while_a_lan_link_is_proxied() -> None:
     async def body() -> None:
         nft, routing, facts, firewall = FakeNft(), FakeRouting(), FakeFacts(), FakeFirewall()
-        engine = Engine(Config(links={"eth0": LinkMode.LAN}), nft, routing, facts, firewalls=(firewall,))
+        engine = Engine(Config(link_defaults={"eth0": LinkMode.LAN}), nft, routing, facts, firewalls=(firewall,))
         engine.start()
         await engine.reconcile("startup")
         assert firewall.marks == [TproxySettings().mark]
-        await engine.wait_for(engine.set_links({"eth0": LinkMode.HOST}))  # host mode re-enters via lo
+        await engine.wait_for(choose(engine, {"eth0": LinkMode.HOST}))  # host mode re-enters via lo
         assert firewall.marks[-1] is None
-        await engine.wait_for(engine.set_links({"eth0": LinkMode.LAN}))
+        await engine.wait_for(choose(engine, {"eth0": LinkMode.LAN}))
         assert firewall.marks[-1] == TproxySettings().mark
         await engine.stop()
         assert firewall.marks[-1] is None, "stopping must take our rule out of the firewalls"
@@ -415,7 +435,7 @@ def test_a_firewall_that_cannot_admit_degrades_with_its_reason() -> None:
     async def body() -> None:
         firewall = FakeFirewall("firewalld runs its iptables backend; run: X")
         engine = Engine(
-            Config(links={"eth0": LinkMode.LAN}), FakeNft(), FakeRouting(), FakeFacts(), firewalls=(firewall,)
+            Config(link_defaults={"eth0": LinkMode.LAN}), FakeNft(), FakeRouting(), FakeFacts(), firewalls=(firewall,)
         )
         engine.start()
         status = await engine.reconcile("startup")
@@ -471,7 +491,7 @@ def test_too_wide_connected_prefixes_are_logged_once_per_change(caplog: pytest.L
         engine.start()
         await engine.reconcile("startup")
         await engine.reconcile("again")
-        engine.set_config(Config(links={"eth0": LinkMode.LAN}, bypass=BypassSettings(local_min_prefix4=1)))
+        configure(engine, Config(link_defaults={"eth0": LinkMode.LAN}, bypass=BypassSettings(local_min_prefix4=1)))
         await engine.reconcile("config")
         await engine.stop()
 

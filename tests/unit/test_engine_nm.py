@@ -12,6 +12,7 @@ from tproxy_service.engine import Engine
 from tproxy_service.model import (
     AutoPolicy,
     Config,
+    LinkChoice,
     LinkFact,
     LinkMode,
     NetworkManagerSettings,
@@ -28,20 +29,20 @@ HOTSPOT = NmConnection("wlan0", "wifi", "Hotspot", "22222222-2222-2222-2222-2222
 POLICIES = NetworkManagerSettings(auto=(AutoPolicy(LinkMode.HOST, id="Cafe"), AutoPolicy(None, shared=True)))
 
 
-def make(links: dict[str, LinkMode] | None = None) -> tuple[Engine, FakeNft, FakeFacts]:
+def make(tmp_path: Path) -> tuple[Engine, Control, FakeNft]:
     nft, facts = FakeNft(), FakeFacts()
     facts.facts = dataclasses.replace(facts.facts, links=(*facts.facts.links, LinkFact("wlan0", 3, True)))
-    engine = Engine(Config(links=links or {}, networkmanager=POLICIES), nft, FakeRouting(), facts)
-    return engine, nft, facts
+    engine = Engine(Config(networkmanager=POLICIES), nft, FakeRouting(), facts)
+    return engine, control_for(engine, tmp_path), nft
 
 
 def up(*connections: NmConnection) -> NmFacts:
     return NmFacts(running=True, connections=connections)
 
 
-def test_connections_coming_and_going_are_element_updates() -> None:
+def test_connections_coming_and_going_are_element_updates(tmp_path: Path) -> None:
     async def body() -> None:
-        engine, nft, _ = make()
+        engine, control, nft = make(tmp_path)
         engine.start()
         status = await engine.reconcile("startup")
         # Policies configured: the table is armed with empty link sets, so a connection never
@@ -49,15 +50,15 @@ def test_connections_coming_and_going_are_element_updates() -> None:
         assert nft.calls == ["replace"] and nft.table is not None and not nft.table.host_links
         assert status.state is ServiceState.ACTIVE and status.active_links == ()
 
-        status = await engine.wait_for(engine.set_network(up(CAFE), "cafe up"))
+        status = await engine.wait_for(control.set_network(up(CAFE), "cafe up"))
         assert status.active_links == ("wlan0",)
-        status = await engine.wait_for(engine.set_network(up(), "cafe down"))
+        status = await engine.wait_for(control.set_network(up(), "cafe down"))
         assert status.active_links == ()
-        status = await engine.wait_for(engine.set_network(up(HOTSPOT), "hotspot up"))
-        assert status.active_links == ("wlan0",) and engine.links == {"wlan0": LinkMode.LAN}
+        status = await engine.wait_for(control.set_network(up(HOTSPOT), "hotspot up"))
+        assert status.active_links == ("wlan0",) and engine.proxied_links == {"wlan0": LinkMode.LAN}
         assert nft.calls == ["replace", "elements:host_links", "elements:host_links", "elements:lan_links"]
         # The same facts again: no kernel work at all.
-        await engine.wait_for(engine.set_network(up(HOTSPOT), "again"))
+        await engine.wait_for(control.set_network(up(HOTSPOT), "again"))
         assert len(nft.calls) == 4
         await engine.stop()
 
@@ -76,14 +77,14 @@ def test_without_policies_or_links_there_is_no_table() -> None:
     run(body)
 
 
-def test_auto_choice_follows_the_connection_on_the_link() -> None:
+def test_auto_choice_follows_the_connection_on_the_link(tmp_path: Path) -> None:
     async def body() -> None:
-        engine, nft, _ = make()
+        engine, control, nft = make(tmp_path)
         engine.start()
-        await engine.wait_for(engine.set_links({"wlan0": None}))
-        assert engine.links == {"wlan0": LinkMode.HOST}
-        await engine.wait_for(engine.set_network(up(HOTSPOT), "hotspot up"))
-        assert engine.links == {"wlan0": LinkMode.LAN}
+        await control.enable_link("wlan0", LinkChoice.AUTO)
+        assert engine.proxied_links == {"wlan0": LinkMode.HOST}
+        await engine.wait_for(control.set_network(up(HOTSPOT), "hotspot up"))
+        assert engine.proxied_links == {"wlan0": LinkMode.LAN}
         assert nft.calls[-1] == "elements:host_links,lan_links"  # moved from one set to the other
         await engine.stop()
 
@@ -107,22 +108,21 @@ def control_for(engine: Engine, tmp_path: Path, refreshed: list[str] | None = No
 
 def test_disable_of_a_policy_link_lasts_until_its_connection_leaves(tmp_path: Path) -> None:
     async def body() -> None:
-        engine, _nft, _ = make()
-        control = control_for(engine, tmp_path)
+        engine, control, _nft = make(tmp_path)
         control.restore()
         engine.start()
-        await engine.wait_for(engine.set_network(up(CAFE), "cafe up"))
+        await engine.wait_for(control.set_network(up(CAFE), "cafe up"))
         assert engine.status.active_links == ("wlan0",)
-        assert control.links == {}  # `Links` shows manual choices only
+        assert control.link_choices == {}  # `Links` shows manual choices only
 
         await control.disable_link("wlan0")
-        assert engine.status.active_links == () and "wlan0" not in engine.links
+        assert engine.status.active_links == () and "wlan0" not in engine.proxied_links
         assert not (tmp_path / "state.json").exists()  # nothing to save: not a choice, a pause
 
-        await engine.wait_for(engine.set_network(up(CAFE), "a signal that changes nothing"))
+        await engine.wait_for(control.set_network(up(CAFE), "a signal that changes nothing"))
         assert engine.status.active_links == ()
-        await engine.wait_for(engine.set_network(up(), "cafe down"))
-        await engine.wait_for(engine.set_network(up(CAFE), "cafe up again"))
+        await engine.wait_for(control.set_network(up(), "cafe down"))
+        await engine.wait_for(control.set_network(up(CAFE), "cafe up again"))
         assert engine.status.active_links == ("wlan0",)
         await engine.stop()
 
@@ -131,14 +131,13 @@ def test_disable_of_a_policy_link_lasts_until_its_connection_leaves(tmp_path: Pa
 
 def test_manual_choice_stays_when_its_connection_leaves(tmp_path: Path) -> None:
     async def body() -> None:
-        engine, _nft, _ = make()
-        control = control_for(engine, tmp_path)
+        engine, control, _nft = make(tmp_path)
         control.restore()
         engine.start()
-        await engine.wait_for(engine.set_network(up(CAFE), "cafe up"))
-        await control.enable_link("wlan0", "both")
-        await engine.wait_for(engine.set_network(up(), "cafe down"))
-        assert engine.links == {"wlan0": LinkMode.BOTH} and control.links == {"wlan0": "both"}
+        await engine.wait_for(control.set_network(up(CAFE), "cafe up"))
+        await control.enable_link("wlan0", LinkChoice.BOTH)
+        await engine.wait_for(control.set_network(up(), "cafe down"))
+        assert engine.proxied_links == {"wlan0": LinkMode.BOTH} and control.link_choices == {"wlan0": "both"}
         await engine.stop()
 
     run(body)
@@ -146,7 +145,7 @@ def test_manual_choice_stays_when_its_connection_leaves(tmp_path: Path) -> None:
 
 def test_reapply_refreshes_networkmanager_facts_first(tmp_path: Path) -> None:
     async def body() -> None:
-        engine, _nft, _ = make()
+        engine, _control, _nft = make(tmp_path)
         refreshed: list[str] = []
         control = control_for(engine, tmp_path, refreshed)
         control.restore()

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from tproxy_service.errors import InvalidArgument
-from tproxy_service.ifname import parse_mode, validate_ifname
-from tproxy_service.model import LinkMode
+from tproxy_service.ifname import validate_ifname
+from tproxy_service.model import FIXED_MODES, WITH_AUTO, LinkChoice
 
 
 @pytest.mark.parametrize("name", ["eth0", "wlp3s0", "br-lan", "veth.100", "x" * 15, "wg_0", "tap@1"])
@@ -42,6 +42,9 @@ def test_error_message_is_short_even_for_huge_input() -> None:
 
 
 def test_modes() -> None:
-    assert parse_mode("both") is LinkMode.BOTH
+    assert LinkChoice.parse("both", FIXED_MODES) is LinkChoice.BOTH
+    assert LinkChoice.parse("auto", WITH_AUTO).mode is None
     with pytest.raises(InvalidArgument, match="no such mode 'auto-ish'"):
-        parse_mode("auto-ish")
+        LinkChoice.parse("auto-ish", WITH_AUTO)
+    with pytest.raises(InvalidArgument, match=r"no such mode 'auto': use 'host', 'lan', 'both'$"):
+        LinkChoice.parse("auto", FIXED_MODES)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tproxy_service.model import LinkMode
-from tproxy_service.state_store import Choices, StateStore, configured_links
+from tproxy_service.intent import Intent
+from tproxy_service.model import Config, LinkChoice, LinkMode
+from tproxy_service.state_store import Choices, StateStore
 
 
 def test_missing_file_means_no_choices(tmp_path: Path) -> None:
@@ -74,7 +75,8 @@ def test_stale_temp_files_are_removed_on_load(tmp_path: Path) -> None:
 
 
 def test_choices_override_config_defaults() -> None:
-    defaults = {"eth0": LinkMode.LAN, "wlan0": LinkMode.HOST}
-    choices = Choices(None, {"eth0": "disabled", "wlan0": "both", "usb0": "auto"})
-    assert configured_links(defaults, choices) == {"usb0": "auto", "wlan0": "both"}
-    assert configured_links(defaults, Choices()) == {"eth0": "lan", "wlan0": "host"}
+    config = Config(link_defaults={"eth0": LinkMode.LAN, "wlan0": LinkMode.HOST})
+    choices = Choices(None, {"eth0": LinkChoice.DISABLED, "wlan0": LinkChoice.BOTH, "usb0": LinkChoice.AUTO})
+    assert Intent(config, choices).link_choices == {"usb0": "auto", "wlan0": "both"}
+    assert Intent(config).link_choices == {"eth0": "lan", "wlan0": "host"}
+    assert Intent(config, choices).manual_modes == {"usb0": None, "wlan0": LinkMode.BOTH}

@@ -23,10 +23,10 @@ from dbus_fast.errors import DBusError
 from dbus_fast.service import ServiceInterface
 
 from .. import __version__
-from ..control import Control, parse_mode_argument
+from ..control import Control
 from ..errors import TproxydError
 from ..ifname import validate_ifname
-from ..state_store import AUTO
+from ..model import LinkChoice
 from .auth import Authorizer
 from .call_limits import CallLimits
 from .connection import connect_system_bus
@@ -106,7 +106,7 @@ class BusService:
         status = self._control.status
         return {
             "Enabled": self._control.enabled,
-            "Links": {name: "" if c == AUTO else c for name, c in self._control.links.items()},
+            "Links": {name: c.to_bus() for name, c in self._control.link_choices.items()},
             "ActiveLinks": list(status.active_links),
             "State": status.state.value if self._ready else "starting",
             "CoreState": status.core_state,
@@ -174,7 +174,7 @@ class BusService:
         """Validate the arguments (before asking polkit); returns the call to make."""
         control = self._control
         if spec.name == "EnableLink":
-            ifname, choice = validate_ifname(body[0]), parse_mode_argument(body[1])
+            ifname, choice = validate_ifname(body[0]), LinkChoice.from_bus(body[1])
             return lambda: control.enable_link(ifname, choice)
         if spec.name == "DisableLink":
             ifname = validate_ifname(body[0])
