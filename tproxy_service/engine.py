@@ -1,7 +1,7 @@
-"""The reconcile loop (docs/architecture.md, "The reconcile pass").
+"""The reconcile pass, its apply and its rollback (docs/architecture.md, "The reconcile pass").
 
-Every trigger calls `request(reason)`. Requests coalesce: however many arrive while a pass
-runs, one more pass follows. A pass reads the kernel facts, computes the desired state with
+Every trigger calls `request(reason)`. Requests coalesce (coalescer.py): however many arrive
+while a pass runs, one more pass follows. A pass reads the kernel facts, computes the desired state with
 pure functions, and applies only the difference: set elements when only links or local subnets
 changed (O(change)), one atomic table replace when the skeleton changed or drift was seen.
 A failed apply rolls back to the last applied state and is reported in the status."""
@@ -9,12 +9,12 @@ A failed apply rolls back to the last applied state and is reported in the statu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .coalescer import Coalescer
 from .desired import bypass_set, compute_desired, service_state, too_wide_subnets, with_core
 from .errors import KernelError
 from .intent import Intent
@@ -115,12 +115,7 @@ class Engine:
         self._nft_drift = False
         self._routing_drift = False
         self._verify = False
-        self._reasons: list[str] = []
-        self._requested = 0
-        self._completed = 0
-        self._wake = asyncio.Event()
-        self._done = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
+        self._passes = Coalescer(self._guarded_pass, "reconcile", after=self._back_off)
         self.status = EngineStatus()
         self._retry_delay = MIN_RETRY_DELAY
         self.passes = 0  # reconcile passes run (for tests of coalescing)
@@ -166,15 +161,11 @@ class Engine:
         """Ask for a reconcile pass; returns a ticket for `wait_for`."""
         self._nft_drift |= nft_drift
         self._routing_drift |= routing_drift
-        self._reasons.append(reason)
-        self._requested += 1
-        self._wake.set()
-        return self._requested
+        return self._passes.request(reason)
 
     async def wait_for(self, ticket: int) -> EngineStatus:
         """Wait until a pass that started after `ticket` was requested has finished."""
-        async with self._done:
-            await self._done.wait_for(lambda: self._completed >= ticket)
+        await self._passes.wait_for(ticket)
         return self.status
 
     async def reconcile(self, reason: str) -> EngineStatus:
@@ -201,23 +192,14 @@ class Engine:
     # --- the loop -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="reconcile")
+        self._passes.start()
 
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            ticket = self._requested
-            reasons, self._reasons = self._reasons, []
-            try:
-                await self._pass(reasons)
-            except Exception as e:  # a bug must not kill the loop: report and keep serving
-                log.exception("reconcile pass crashed")
-                self._publish(EngineStatus(ServiceState.FAILED, (), f"internal error: {e}", self.status.core_state))
-            async with self._done:
-                self._completed = ticket
-                self._done.notify_all()
-            await self._back_off()
+    async def _guarded_pass(self, reasons: list[str]) -> None:
+        try:
+            await self._pass(reasons)
+        except Exception as e:  # a bug must not kill the loop: report and keep serving
+            log.exception("reconcile pass crashed")
+            self._publish(EngineStatus(ServiceState.FAILED, (), f"internal error: {e}", self.status.core_state))
 
     async def _back_off(self) -> None:
         """After a failed pass, wait before the next one: a failing apply causes netlink events
@@ -349,11 +331,7 @@ class Engine:
 
     async def stop(self, remove: bool = True) -> None:
         """Stop the loop; with `remove`, take our table, rules and routes out of the kernel."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._passes.stop()
         if remove:
             await self._admit(None)
             await self._nft.delete()

@@ -40,6 +40,7 @@ from ..bus.names import (
     NM_SETTINGS_CONNECTION_IFACE,
     PROPERTIES_IFACE,
 )
+from ..coalescer import Coalescer
 from ..model import NmConnection, NmDevice, NmFacts
 from ..nm_policy import DEVICE_TYPES, UNKNOWN_TYPE
 
@@ -197,12 +198,9 @@ class NetworkManagerMonitor:
         self._owner: str | None = None  # NetworkManager's unique name while it is on the bus
         self._facts = NmFacts()
         self._shared: dict[tuple[str, str], bool] = {}  # (owner, active connection path) -> shared
-        self._reasons: list[str] = []
         self._wake_after_read = False
-        self._wake = asyncio.Event()
-        self._requested = 0
-        self._completed = 0
-        self._done = asyncio.Condition()
+        self._failures = 0  # consecutive failed reads: retried with a growing delay, logged once
+        self._reads = Coalescer(self._read_and_publish, "networkmanager-monitor", after=self._retry_after_failure)
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -235,15 +233,14 @@ class NetworkManagerMonitor:
             log.info("following NetworkManager")
         else:
             log.info("NetworkManager is not on the system bus; links follow netlink until it appears")
-        self._tasks = [
-            asyncio.create_task(self._run(), name="networkmanager-monitor"),
-            asyncio.create_task(self._watch(bus), name="networkmanager-bus"),
-        ]
+        self._reads.start()
+        self._tasks = [asyncio.create_task(self._watch(bus), name="networkmanager-bus")]
         if self._owner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._read_soon("startup"), wait)
 
     async def stop(self) -> None:
+        await self._reads.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -321,41 +318,29 @@ class NetworkManagerMonitor:
     # --- reading ---------------------------------------------------------------------------------
 
     def _schedule(self, reason: str) -> int:
-        self._reasons.append(reason)
-        self._requested += 1
-        self._wake.set()
-        return self._requested
+        return self._reads.request(reason)
 
     async def _read_soon(self, reason: str) -> None:
-        ticket = self._schedule(reason)
-        async with self._done:
-            await self._done.wait_for(lambda: self._completed >= ticket)
+        await self._reads.wait_for(self._schedule(reason))
 
-    async def _run(self) -> None:
-        failures = 0  # consecutive failed reads: retried with a growing delay, logged once
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            ticket = self._requested
-            reasons, self._reasons = self._reasons, []
-            owner = self._owner
-            facts: NmFacts | None = None
-            try:
-                facts = await self._read(owner) if owner else dataclasses.replace(self._facts, running=False)
-                failures = 0
-            except (NmCallError, TimeoutError) as e:
-                if owner == self._owner:  # else NetworkManager went away under us: its signal follows
-                    failures += 1
-                    level = logging.WARNING if failures == 1 else logging.DEBUG
-                    log.log(level, "reading NetworkManager's state failed (%s); retrying", e)
-            if facts is not None and owner == self._owner:
-                self._publish(facts, reasons)
-            async with self._done:
-                self._completed = ticket
-                self._done.notify_all()
-            if failures:
-                await asyncio.sleep(min(2.0 ** (failures - 1), 30.0))
-                self._schedule("retry")
+    async def _read_and_publish(self, reasons: list[str]) -> None:
+        owner = self._owner
+        facts: NmFacts | None = None
+        try:
+            facts = await self._read(owner) if owner else dataclasses.replace(self._facts, running=False)
+            self._failures = 0
+        except (NmCallError, TimeoutError) as e:
+            if owner == self._owner:  # else NetworkManager went away under us: its signal follows
+                self._failures += 1
+                level = logging.WARNING if self._failures == 1 else logging.DEBUG
+                log.log(level, "reading NetworkManager's state failed (%s); retrying", e)
+        if facts is not None and owner == self._owner:
+            self._publish(facts, reasons)
+
+    async def _retry_after_failure(self) -> None:
+        if self._failures:
+            await asyncio.sleep(min(2.0 ** (self._failures - 1), 30.0))
+            self._schedule("retry")
 
     def _publish(self, facts: NmFacts, reasons: Iterable[str]) -> None:
         reason = "NetworkManager: " + ", ".join(dict.fromkeys(reasons))

@@ -1,0 +1,63 @@
+"""The coalescer the engine and the NetworkManager monitor share: requests during a run coalesce
+into one more run, tickets wait for a run that started after them, a crash releases the waiters."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tproxy_service.coalescer import Coalescer
+
+from .test_engine import run
+
+
+def test_requests_during_a_run_coalesce_into_one_more() -> None:
+    async def body() -> None:
+        runs: list[list[str]] = []
+        release = asyncio.Event()
+
+        async def job(reasons: list[str]) -> None:
+            runs.append(reasons)
+            if len(runs) == 1:
+                await release.wait()
+
+        loop = Coalescer(job, "test")
+        loop.start()
+        first = loop.request("a")
+        await asyncio.wait_for(_until(lambda: len(runs) == 1), 10)
+        tickets = [loop.request(r) for r in ("b", "c", "d")]
+        release.set()
+        await asyncio.wait_for(loop.wait_for(tickets[-1]), 10)
+        await loop.wait_for(first)
+        assert runs == [["a"], ["b", "c", "d"]]
+        await loop.stop()
+
+    run(body)
+
+
+def test_a_crashing_run_releases_its_waiters_and_the_loop_goes_on() -> None:
+    async def body() -> None:
+        calls: list[str] = []
+
+        async def job(reasons: list[str]) -> None:
+            calls.extend(reasons)
+            if reasons == ["boom"]:
+                raise RuntimeError("a bug")
+
+        after: list[None] = []
+
+        async def pause() -> None:
+            after.append(None)
+
+        loop = Coalescer(job, "test", after=pause)
+        loop.start()
+        await asyncio.wait_for(loop.wait_for(loop.request("boom")), 10)
+        await asyncio.wait_for(loop.wait_for(loop.request("next")), 10)
+        assert calls == ["boom", "next"] and len(after) >= 1
+        await loop.stop()
+
+    run(body)
+
+
+async def _until(condition: object) -> None:
+    while not condition():  # type: ignore[operator]
+        await asyncio.sleep(0)
