@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import tomllib
@@ -189,13 +190,21 @@ def _table(src: _Source, data: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
-def _check_keys(src: _Source, section: str, table: dict[str, Any], checks: dict[str, Any]) -> None:
+def _check_keys(
+    src: _Source,
+    section: str,
+    table: dict[str, Any],
+    checks: dict[str, Any],
+    fail: Callable[[str, str], ConfigError] | None = None,
+) -> None:
+    """Every key known and valid; `fail(key, message)` builds the error (default: src.error)."""
+    fail = fail or (lambda key, message: src.error(section, key, message))
     for key, value in table.items():
         if key not in checks:
-            raise src.error(section, key, f"unknown key (known: {', '.join(sorted(checks))})")
+            raise fail(key, f"unknown key (known: {', '.join(sorted(checks))})")
         problem = checks[key](value)
         if problem:
-            raise src.error(section, key, problem)
+            raise fail(key, problem)
 
 
 def _path(base: Path, value: Any, src: _Source, key: str) -> Path:
@@ -217,12 +226,7 @@ def _networkmanager(src: _Source, table: dict[str, Any]) -> NetworkManagerSettin
             name = f"{section}.{key}" if key else section
             return ConfigError(f"{src.name}:{line}: {name}: {message}" if line else f"{src.name}: {name}: {message}")
 
-        for key, value in entry.items():
-            if key not in _AUTO_KEYS:
-                raise fail(key, f"unknown key (known: {', '.join(sorted(_AUTO_KEYS))})")
-            problem = _AUTO_KEYS[key](value)
-            if problem:
-                raise fail(key, problem)
+        _check_keys(src, section, entry, _AUTO_KEYS, fail)
         if "mode" not in entry:
             raise fail(None, 'needs a mode ("host", "lan", "both" or "auto")')
         if not any(key in entry for key in _MATCH_KEYS):
@@ -236,7 +240,7 @@ def _networkmanager(src: _Source, table: dict[str, Any]) -> NetworkManagerSettin
                 shared=entry.get("shared"),
             )
         )
-    return NetworkManagerSettings(enabled=table.get("enabled", True), auto=tuple(policies))
+    return NetworkManagerSettings(**_given(table, "enabled"), auto=tuple(policies))
 
 
 def parse_config(
@@ -264,11 +268,12 @@ def parse_config(
     _check_keys(src, "core", core_t, _CORE_KEYS)
     networkmanager = _networkmanager(src, nm_t)
 
-    tproxy = TproxySettings(
-        **{k: v for k, v in tproxy_t.items() if k not in ("failure_policy", "dns_hijack")},
-        failure_policy=FailurePolicy(tproxy_t.get("failure_policy", "open")),
-        dns_hijack=_DNS_HIJACK[tproxy_t.get("dns_hijack", "all")],
-    )
+    tproxy_given: dict[str, Any] = dict(tproxy_t)  # checked; two keys need converting
+    if "failure_policy" in tproxy_t:
+        tproxy_given["failure_policy"] = FailurePolicy(tproxy_t["failure_policy"])
+    if "dns_hijack" in tproxy_t:
+        tproxy_given["dns_hijack"] = _DNS_HIJACK[tproxy_t["dns_hijack"]]
+    tproxy = TproxySettings(**tproxy_given)
     if tproxy.mark == tproxy.core_mark:
         raise src.error("tproxy", "core_mark", "must differ from tproxy.mark, or the core's traffic loops")
     if tproxy.port >= PRIVILEGED_PORTS_END and not tproxy.allow_unprivileged_port:
@@ -307,38 +312,38 @@ def parse_config(
         raise src.error("bypass", "files", str(e)) from None
     user_bypass: AddressSet = union(user_cidrs, *lists)
 
+    given: dict[str, Any] = {
+        key: _path(base, data[key], src, key) for key in ("state_dir", "runtime_dir") if key in data
+    }
+    core_given = _given(core_t, "supervise", "unit", "systemd_bus", "sniffing")
+    if "config" in core_t:
+        core_given["config"] = _path(base, core_t["config"], src, "core.config")
+    if "binary" in core_t:
+        core_given["binary"] = Path(core_t["binary"])
     return Config(
-        path=None,
-        state_dir=_path(base, data.get("state_dir", "/var/lib/tproxyd"), src, "state_dir"),
-        runtime_dir=_path(base, data.get("runtime_dir", "/run/tproxyd"), src, "runtime_dir"),
+        **given,
         tproxy=tproxy,
         bypass=BypassSettings(
-            reserved=bypass_t.get("reserved", True),
-            local_subnets=bypass_t.get("local_subnets", True),
-            local_min_prefix4=bypass_t.get("local_min_prefix4", 16),
-            local_min_prefix6=bypass_t.get("local_min_prefix6", 48),
+            **_given(bypass_t, "reserved", "local_subnets", "local_min_prefix4", "local_min_prefix6"),
             cidrs=cidrs,
             files=files,
             max_file_bytes=max_bytes,
             max_file_lines=max_lines,
         ),
         link_defaults=link_defaults,
-        core=CoreSettings(
-            supervise=core_t.get("supervise", True),
-            config=_path(base, core_t["config"], src, "core.config") if "config" in core_t else None,
-            binary=Path(core_t.get("binary", "/usr/bin/v2ray")),
-            unit=core_t.get("unit", "tproxyd-core.service"),
-            systemd_bus=core_t.get("systemd_bus", "system"),
-            sniffing=core_t.get("sniffing", True),
-        ),
+        core=CoreSettings(**core_given),
         networkmanager=networkmanager,
         user_bypass=user_bypass,
     )
+
+
+def _given(table: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """The keys the file sets, as they are (checked already); the rest keep model.py's defaults."""
+    return {key: table[key] for key in keys if key in table}
 
 
 def load_config(path: Path, cancel: threading.Event | None = None) -> Config:
     """The config file and the list files it names; raises ConfigError, or Cancelled once
     `cancel` is set (blocking: the daemon calls it in a thread)."""
     text = read_text(path, MAX_CONFIG_BYTES, "config file", "a config is at most 1 MiB")
-    config = parse_config(text, str(path), path.parent, cancel)
-    return Config(**{**config.__dict__, "path": path})
+    return dataclasses.replace(parse_config(text, str(path), path.parent, cancel), path=path)

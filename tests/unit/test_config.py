@@ -6,7 +6,7 @@ import pytest
 
 from tproxy_service.config import load_config, parse_config
 from tproxy_service.errors import ConfigError
-from tproxy_service.model import AutoPolicy, DnsHijack, FailurePolicy, LinkMode
+from tproxy_service.model import AutoPolicy, Config, DnsHijack, FailurePolicy, LinkMode
 
 FULL = """\
 state_dir = "state"
@@ -81,6 +81,7 @@ def test_defaults() -> None:
     assert parse_config("[bypass]\nlocal_min_prefix4 = 8\nlocal_min_prefix6 = 0\n").bypass.local_min_prefix6 == 0
     assert c.link_defaults == {}
     assert c.networkmanager.enabled and c.networkmanager.auto == ()
+    assert c == Config()  # every default is model.py's: an empty file changes none of them
 
 
 @pytest.mark.parametrize(
