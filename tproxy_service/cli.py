@@ -13,16 +13,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from dbus_fast import Message, MessageFlag, MessageType, Variant
+from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 
 from . import __version__
+from .bus.call import CallError, add_match, call, method_call, plain
 from .bus.connection import connect_system_bus
 from .bus.names import (
     BUS_NAME,
-    DBUS_IFACE,
     DBUS_NAME,
-    DBUS_PATH,
     ERROR_ACCESS_DENIED,
     ERROR_BUSY,
     ERROR_FAILED,
@@ -137,56 +136,29 @@ class Client:
         self.bus = bus
         self.interactive = interactive
 
-    async def call(self, member: str, signature: str = "", body: list[Any] | None = None) -> Message:
+    async def call(self, member: str, signature: str = "", body: list[Any] | None = None) -> list[Any]:
         flags = MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if self.interactive else MessageFlag.NONE
-        msg = Message(
-            destination=BUS_NAME,
-            path=OBJECT_PATH,
-            interface=MANAGER_IFACE,
-            member=member,
-            signature=signature,
-            body=body or [],
-            flags=flags,
-        )
-        return _check(await self.bus.call(msg))
+        return await _call(self.bus, method_call(BUS_NAME, OBJECT_PATH, MANAGER_IFACE, member, signature, body, flags))
 
     async def properties(self) -> dict[str, Any]:
-        reply = await self.bus.call(
-            Message(
-                destination=BUS_NAME,
-                path=OBJECT_PATH,
-                interface=PROPERTIES_IFACE,
-                member="GetAll",
-                signature="s",
-                body=[MANAGER_IFACE],
-            )
+        body = await _call(
+            self.bus, method_call(BUS_NAME, OBJECT_PATH, PROPERTIES_IFACE, "GetAll", "s", [MANAGER_IFACE])
         )
-        props: dict[str, Any] = _plain(_check(reply).body[0])
+        props: dict[str, Any] = plain(body[0])
         return props
 
 
-def _check(reply: Message) -> Message:
-    if reply.message_type is MessageType.ERROR:
-        name = reply.error_name or ""
-        text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else name
-        code = _EXIT_FOR_ERROR.get(name, EXIT_FAILED)
+async def _call(bus: MessageBus, message: Message) -> list[Any]:
+    """bus.call.call, with an error reply turned into the CliError (and exit code) it means."""
+    try:
+        return await call(bus, message)
+    except CallError as e:
+        text, code = e.text or e.name, _EXIT_FOR_ERROR.get(e.name, EXIT_FAILED)
         if code == EXIT_UNREACHABLE:
             text = f"tproxyd is not running ({BUS_NAME} is not on the system bus)"
-        elif name.startswith("org.freedesktop.DBus.Error.Spawn"):
+        elif e.name.startswith("org.freedesktop.DBus.Error.Spawn"):
             text, code = f"tproxyd could not be started: {text}", EXIT_UNREACHABLE
-        raise CliError(text, code)
-    return reply
-
-
-def _plain(value: Any) -> Any:
-    """Variants (and nested ones) -> plain Python values."""
-    if isinstance(value, Variant):
-        return _plain(value.value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
+        raise CliError(text, code) from None
 
 
 def _mode_text(mode: str) -> str:
@@ -266,25 +238,17 @@ async def _monitor(client: Client, as_json: bool) -> int:
         if msg.message_type is not MessageType.SIGNAL:
             return False
         if msg.member == "PropertiesChanged" and msg.path == OBJECT_PATH and msg.body[0] == MANAGER_IFACE:
-            emit("changed", _plain(msg.body[1]))
+            emit("changed", plain(msg.body[1]))
         elif msg.member == "NameOwnerChanged" and msg.body[0] == BUS_NAME:
             emit("started" if msg.body[2] else "stopped", {})
         return False
 
     client.bus.add_message_handler(on_message)
     for match in (rule, owner_rule):  # subscribe before reading, so no change is missed
-        _check(
-            await client.bus.call(
-                Message(
-                    destination=DBUS_NAME,
-                    path=DBUS_PATH,
-                    interface=DBUS_IFACE,
-                    member="AddMatch",
-                    signature="s",
-                    body=[match],
-                )
-            )
-        )
+        try:
+            await add_match(client.bus, match)
+        except CallError as e:
+            raise CliError(e.text or e.name, EXIT_FAILED) from None
     try:
         emit("initial", await client.properties())
     except CliError as e:

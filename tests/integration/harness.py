@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dbus_fast import Message, MessageType, Variant
+from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from tests import support
 from tests.support import wait_until as wait_until  # re-exported: the D-Bus tiers call h.wait_until
 from tproxy_service.bus import names
+from tproxy_service.bus.call import plain
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
@@ -105,16 +106,6 @@ async def _call_async(address: str, msg: Message) -> Reply:
         text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
         return Reply(reply.error_name, text, [])
     return Reply(None, "", list(reply.body))
-
-
-def plain(value: Any) -> Any:
-    if isinstance(value, Variant):
-        return plain(value.value)
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain(v) for v in value]
-    return value
 
 
 # --- the private bus ------------------------------------------------------------------------------

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from dbus_fast import Message, MessageType, Variant
 
+from tproxy_service.bus.call import plain
 from tproxy_service.bus.names import NM_ACTIVE_IFACE, NM_DEVICE_IFACE, NM_IFACE, NM_NAME, PROPERTIES_IFACE
 from tproxy_service.model import NmConnection, NmDevice
-from tproxy_service.monitors.networkmanager import ActiveProps, _relevant, build_facts, is_shared, nm_ifname, plain
+from tproxy_service.monitors.networkmanager import ActiveProps, _relevant, build_facts, is_shared, nm_ifname
 
 DEV = "/org/freedesktop/NetworkManager/Devices/"
 AC = "/org/freedesktop/NetworkManager/ActiveConnection/"

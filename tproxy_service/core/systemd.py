@@ -16,13 +16,17 @@ from typing import Any
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from ..bus.call import CallError, add_match, call, method_call
+from ..bus.names import (
+    PROPERTIES_IFACE,
+    SYSTEMD_MANAGER_IFACE,
+    SYSTEMD_NAME,
+    SYSTEMD_PATH,
+    SYSTEMD_SERVICE_IFACE,
+    SYSTEMD_UNIT_IFACE,
+)
+
 log = logging.getLogger(__name__)
-SYSTEMD = "org.freedesktop.systemd1"
-MANAGER_PATH = "/org/freedesktop/systemd1"
-MANAGER = "org.freedesktop.systemd1.Manager"
-UNIT = "org.freedesktop.systemd1.Unit"
-SERVICE = "org.freedesktop.systemd1.Service"
-PROPERTIES = "org.freedesktop.DBus.Properties"
 JOB_TIMEOUT = 30.0
 
 
@@ -63,14 +67,10 @@ class SystemdUnit:
         except Exception as e:
             raise SystemdError(f"cannot reach the systemd manager on the {self._bus_spec} bus: {e}") from None
         self._bus.add_message_handler(self._on_message)
-        await self._call(
-            "org.freedesktop.DBus",
-            "/org/freedesktop/DBus",
-            "org.freedesktop.DBus",
-            "AddMatch",
-            "s",
-            [f"type='signal',sender='{SYSTEMD}'"],
-        )
+        try:
+            await add_match(self._bus, f"type='signal',sender='{SYSTEMD_NAME}'")
+        except CallError as e:
+            raise SystemdError(f"cannot subscribe to the systemd manager's signals: {e}") from None
         await self._manager("Subscribe")
         (self._path,) = await self._manager("LoadUnit", "s", [self.unit])
         await self.refresh()
@@ -80,21 +80,22 @@ class SystemdUnit:
     ) -> list[Any]:
         if self._bus is None:
             raise SystemdError("not connected to the systemd manager")
-        reply = await self._bus.call(
-            Message(destination=dest, path=path, interface=iface, member=member, signature=sig, body=body or [])
-        )
-        if reply.message_type == MessageType.ERROR:
-            detail = reply.body[0] if reply.body else reply.error_name
-            raise SystemdError(f"systemd {member} {self.unit}: {detail}")
-        return list(reply.body)
+        try:
+            return await call(self._bus, method_call(dest, path, iface, member, sig, body))
+        except CallError as e:
+            raise SystemdError(f"systemd {member} {self.unit}: {e.text or e.name}") from None
 
     async def _manager(self, member: str, sig: str = "", body: list[Any] | None = None) -> list[Any]:
-        return await self._call(SYSTEMD, MANAGER_PATH, MANAGER, member, sig, body)
+        return await self._call(SYSTEMD_NAME, SYSTEMD_PATH, SYSTEMD_MANAGER_IFACE, member, sig, body)
 
     async def refresh(self) -> UnitStatus:
-        (unit_props,) = await self._call(SYSTEMD, self._path, PROPERTIES, "GetAll", "s", [UNIT])
+        (unit_props,) = await self._call(
+            SYSTEMD_NAME, self._path, PROPERTIES_IFACE, "GetAll", "s", [SYSTEMD_UNIT_IFACE]
+        )
         try:
-            (service_props,) = await self._call(SYSTEMD, self._path, PROPERTIES, "GetAll", "s", [SERVICE])
+            (service_props,) = await self._call(
+                SYSTEMD_NAME, self._path, PROPERTIES_IFACE, "GetAll", "s", [SYSTEMD_SERVICE_IFACE]
+            )
         except SystemdError:
             service_props = {}
         self._update({**unit_props, **service_props})
@@ -117,9 +118,13 @@ class SystemdUnit:
     def _on_message(self, msg: Message) -> None:
         if msg.message_type != MessageType.SIGNAL:
             return
-        if msg.member == "PropertiesChanged" and msg.path == self._path and msg.body[0] in (UNIT, SERVICE):
+        if (
+            msg.member == "PropertiesChanged"
+            and msg.path == self._path
+            and msg.body[0] in (SYSTEMD_UNIT_IFACE, SYSTEMD_SERVICE_IFACE)
+        ):
             self._update(msg.body[1])
-        elif msg.member == "JobRemoved" and msg.interface == MANAGER:
+        elif msg.member == "JobRemoved" and msg.interface == SYSTEMD_MANAGER_IFACE:
             _id, job_path, unit, result = msg.body
             future = self._jobs.pop(job_path, None)
             if future is not None:

@@ -22,9 +22,10 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dbus_fast import Message, MessageType, Variant
+from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from ..bus.call import CallError, add_match, call, method_call, plain
 from ..bus.connection import connect_system_bus
 from ..bus.names import (
     DBUS_IFACE,
@@ -77,12 +78,6 @@ _GONE = frozenset(
         "org.freedesktop.DBus.Error.UnknownInterface",
     }
 )
-
-
-class NmCallError(Exception):
-    def __init__(self, name: str, text: str) -> None:
-        super().__init__(f"{name}: {text}" if text else name)
-        self.name = name
 
 
 # --- pure: D-Bus property dicts -> facts ----------------------------------------------------------
@@ -168,14 +163,6 @@ def is_shared(settings: Mapping[str, Mapping[str, Any]]) -> bool:
     return any(settings.get(family, {}).get("method") == "shared" for family in ("ipv4", "ipv6"))
 
 
-def plain(value: Any) -> Any:
-    if isinstance(value, Variant):
-        return plain(value.value)
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    return value
-
-
 # --- the monitor ----------------------------------------------------------------------------------
 
 
@@ -222,9 +209,9 @@ class NetworkManagerMonitor:
         bus.add_message_handler(self._on_message)
         try:
             for rule in MATCH_RULES:
-                await self._call(DBUS_NAME, DBUS_PATH, DBUS_IFACE, "AddMatch", "s", [rule])
+                await add_match(bus, rule, self._timeout)
             self._owner = await self._name_owner()
-        except (NmCallError, TimeoutError) as e:
+        except (CallError, TimeoutError) as e:
             log.warning("could not subscribe to NetworkManager (%s); not following it", e)
             bus.disconnect()
             self._bus = None
@@ -266,7 +253,7 @@ class NetworkManagerMonitor:
     async def _name_owner(self) -> str | None:
         try:
             return str((await self._call(DBUS_NAME, DBUS_PATH, DBUS_IFACE, "GetNameOwner", "s", [NM_NAME]))[0])
-        except NmCallError as e:
+        except CallError as e:
             if e.name == "org.freedesktop.DBus.Error.NameHasNoOwner":
                 return None
             raise
@@ -329,7 +316,7 @@ class NetworkManagerMonitor:
         try:
             facts = await self._read(owner) if owner else dataclasses.replace(self._facts, running=False)
             self._failures = 0
-        except (NmCallError, TimeoutError) as e:
+        except (CallError, TimeoutError) as e:
             if owner == self._owner:  # else NetworkManager went away under us: its signal follows
                 self._failures += 1
                 level = logging.WARNING if self._failures == 1 else logging.DEBUG
@@ -397,12 +384,12 @@ class NetworkManagerMonitor:
             return self._shared[key]
         settings: Any = None
         if devices:
-            with contextlib.suppress(NmCallError):
+            with contextlib.suppress(CallError):
                 settings = (await self._call(owner, devices[0], NM_DEVICE_IFACE, "GetAppliedConnection", "u", [0]))[0]
         if settings is None and settings_path != "/":
             try:
                 settings = (await self._call(owner, settings_path, NM_SETTINGS_CONNECTION_IFACE, "GetSettings"))[0]
-            except NmCallError as e:
+            except CallError as e:
                 log.warning("cannot read the settings of active connection %s (%s); taking it as not shared", path, e)
                 return False  # not cached: the next read tries again
         shared = is_shared(plain(settings or {}))
@@ -412,7 +399,7 @@ class NetworkManagerMonitor:
     async def _get_all(self, owner: str, path: str, iface: str, missing_ok: bool = False) -> dict[str, Any]:
         try:
             body = await self._call(owner, path, PROPERTIES_IFACE, "GetAll", "s", [iface])
-        except NmCallError as e:
+        except CallError as e:
             if missing_ok and e.name in _GONE:  # removed between the list and this read
                 return {}
             raise
@@ -422,15 +409,7 @@ class NetworkManagerMonitor:
         self, destination: str, path: str, iface: str, member: str, signature: str = "", body: list[Any] | None = None
     ) -> list[Any]:
         assert self._bus is not None
-        msg = Message(
-            destination=destination, path=path, interface=iface, member=member, signature=signature, body=body or []
-        )
-        reply = await asyncio.wait_for(self._bus.call(msg), self._timeout)
-        assert reply is not None
-        if reply.message_type is MessageType.ERROR:
-            text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
-            raise NmCallError(reply.error_name or "error", text)
-        return list(reply.body)
+        return await call(self._bus, method_call(destination, path, iface, member, signature, body), self._timeout)
 
 
 def _relevant(msg: Message) -> str | None:
