@@ -20,7 +20,7 @@ from .bus import service as bus_service
 from .config import DEFAULT_PATH, load_config
 from .control import Control
 from .core.supervisor import CoreSupervisor
-from .core.systemd import SystemdUnit, UnitStatus
+from .core.systemd import SystemdUnit
 from .engine import Engine, EngineStatus
 from .errors import ConfigError, TproxydError
 from .kernel.admission import FirewallAdmission
@@ -74,16 +74,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 class Daemon:
     def __init__(self, config: Config) -> None:
-        self.nft = NftablesAdapter()
-        self.routing = RoutingAdapter()
-        self.facts = FactsReader()
-        # [core] supervise = false: an external core the admin runs; tproxyd diverts unconditionally.
-        self.core: CoreSupervisor | None = None
-        if config.core.supervise:
-            unit = SystemdUnit(config.core.systemd_bus, config.core.unit, self._on_unit_change)
-            self.core = CoreSupervisor(config, unit, lambda reason: self._request(reason))
-        firewalls = FirewallAdmission(self.nft)
-        self.engine = Engine(config, self.nft, self.routing, self.facts, self.core, firewalls=(firewalls,))
         # firewalld and ufw rebuild their chains on reload and restart, dropping our rule: put it
         # back then (and when one starts after us).
         neighbours = {
@@ -91,8 +81,20 @@ class Daemon:
             for c in INPUT_CHAINS
         }
         self.nft_watch = NftDriftWatch(TABLE, self._nft_drift, neighbours)
-        self.nft.watch = self.nft_watch
-        self.nft.on_missing = self._nft_drift
+        self.nft = NftablesAdapter(watch=self.nft_watch, on_missing=self._nft_drift)
+        self.routing = RoutingAdapter()
+        self.facts = FactsReader()
+        # [core] supervise = false: an external core the admin runs; tproxyd diverts unconditionally.
+        self.core: CoreSupervisor | None = None
+        if config.core.supervise:
+            core = config.core
+            self.core = CoreSupervisor(
+                config,
+                lambda listener: SystemdUnit(core.systemd_bus, core.unit, listener),
+                lambda reason: self._request(reason),
+            )
+        firewalls = FirewallAdmission(self.nft)
+        self.engine = Engine(config, self.nft, self.routing, self.facts, self.core, firewalls=(firewalls,))
         self.monitor = NetlinkMonitor(
             mark=lambda: self.engine.config.tproxy.mark,
             table=lambda: self.engine.config.tproxy.route_table,
@@ -118,10 +120,6 @@ class Daemon:
 
     def _warnings(self) -> tuple[str, ...]:
         return self.core.warnings if self.core is not None else ()
-
-    def _on_unit_change(self, status: UnitStatus) -> None:
-        if self.core is not None:
-            self.core.on_unit_change(status)
 
     @staticmethod
     def _notify_status(status: EngineStatus) -> None:

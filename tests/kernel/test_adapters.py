@@ -167,9 +167,8 @@ def test_drift_watch_reports_others_not_us() -> None:
     def body() -> None:
         async def scenario() -> None:
             seen: list[str] = []
-            adapter = NftablesAdapter()
             watch = NftDriftWatch("tproxyd", seen.append)
-            adapter.watch = watch
+            adapter = NftablesAdapter(watch=watch)
             watch.start()
             await adapter.replace(SCENARIOS["default"])
             await adapter.update_elements([IfnameChange("lan_links", ("ours0",), ())])

@@ -89,9 +89,16 @@ async def render_checked(config: Config) -> tuple[str, tuple[str, ...]]:
 
 
 class CoreSupervisor:
-    def __init__(self, config: Config, unit: UnitPort, on_change: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        make_unit: Callable[[Callable[[UnitStatus], None]], UnitPort],
+        on_change: Callable[[str], None],
+    ) -> None:
+        """`make_unit(listener)` builds the systemd client that reports the unit's property
+        changes to `listener` (this supervisor's on_unit_change)."""
         self._config = config
-        self.unit = unit
+        self.unit = make_unit(self.on_unit_change)
         self._on_change = on_change
         self._wanted = False
         self._lock = asyncio.Lock()

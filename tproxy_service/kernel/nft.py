@@ -26,11 +26,11 @@ class EventWatch(Protocol):
 
 
 class NftablesAdapter:
-    def __init__(self) -> None:
-        # Set by the daemon: paused around full replaces (see monitors/nft_events.py), and told
-        # when the table vanished in that window.
-        self.watch: EventWatch | None = None
-        self.on_missing: Callable[[str], None] | None = None
+    def __init__(self, watch: EventWatch | None = None, on_missing: Callable[[str], None] | None = None) -> None:
+        """`watch` is paused around full replaces (see monitors/nft_events.py); `on_missing` is
+        told when the table vanished in that window."""
+        self.watch = watch
+        self.on_missing = on_missing
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nft")
         self._local = threading.local()
         self._elements = SetElementWriter(rules.TABLE)
