@@ -8,7 +8,6 @@ shared table: test_presentation.py). Clicks are a Clutter virtual pointer's."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -239,7 +238,7 @@ def test_menu_switches_change_links(shell: ShellSession, desktop_stack: DesktopS
     ]
 
 
-def test_a_change_made_elsewhere_shows_within_a_second(
+def test_a_change_made_elsewhere_shows(
     shell: ShellSession, desktop_stack: DesktopStack, make_daemon: MakeDaemon
 ) -> None:
     bus = desktop_stack.bus
@@ -252,9 +251,9 @@ def test_a_change_made_elsewhere_shows_within_a_second(
         (["EnableLink", "ss", h.LINK_B, "lan"], f"active on {h.LINK_A} and {h.LINK_B}"),
     ):
         h.run([*busctl, *args])
-        t0 = time.monotonic()
-        h.wait_until(lambda s=status: shown(shell)["status"] == s, 1.0, f"'{status}' within 1 s of busctl {args}")
-        print(f"busctl {' '.join(args)}: shown after {time.monotonic() - t0:.3f} s")
+        # A generous deadline: the extension follows PropertiesChanged (it never polls), so this
+        # proves the change arrives; how fast is bench/'s to measure.
+        h.wait_until(lambda s=status: shown(shell)["status"] == s, 15, f"'{status}' after busctl {args}")
     wait_shows(shell, bus, status=f"active on {h.LINK_A} and {h.LINK_B}")
 
 

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -25,10 +24,15 @@ pytestmark = pytest.mark.root
 
 
 def check(
-    bus: h.PrivateBus, action: str, subject: str = "", timeout: float = 5, flags: MessageFlag = MessageFlag.NONE
+    bus: h.PrivateBus,
+    action: str,
+    subject: str = "",
+    timeout: float = 5,
+    flags: MessageFlag = MessageFlag.NONE,
+    deadline: float = 60,
 ) -> str:
     """Authorize the connection `subject` (default: our own, root's) for `action`; "" when
-    allowed, else the denial's message."""
+    allowed, else the denial's message. TimeoutError when no answer came within `deadline` s."""
 
     async def run() -> str:
         conn = await MessageBus(bus_address=bus.address).connect()
@@ -42,7 +46,7 @@ def check(
         finally:
             conn.disconnect()
 
-    return asyncio.run(run())
+    return asyncio.run(asyncio.wait_for(run(), deadline))
 
 
 @contextlib.contextmanager
@@ -84,17 +88,16 @@ def test_root_and_granted_user_are_authorized(bus: h.PrivateBus, granted_connect
 
 def test_root_does_not_wait_for_polkit(bus: h.PrivateBus, stopped_polkitd: None) -> None:
     """uid 0 (asked from the bus) is allowed without polkit: a hung polkitd cannot lock root out."""
-    start = time.monotonic()
-    assert check(bus, names.ACTION_TOGGLE, timeout=3) == ""
-    assert time.monotonic() - start < 3
+    # polkit's answer is never awaited: with an hour to wait for a stopped polkitd, the check
+    # still ends (generously) within the deadline.
+    assert check(bus, names.ACTION_TOGGLE, timeout=3600, deadline=30) == ""
 
 
 def test_polkit_timeout_is_no_polkit(bus: h.PrivateBus, granted_connection: str, stopped_polkitd: None) -> None:
-    start = time.monotonic()
+    # The answer names the 0.5 s timeout: the check ended on it, not on the bus's own call timeout.
     assert check(bus, names.ACTION_TOGGLE, granted_connection, timeout=0.5) == (
         "not authorized to toggle tproxyd: polkit did not answer within 0.5 seconds, so only root may"
     )
-    assert time.monotonic() - start < 5
 
 
 def test_polkit_error_fails_closed(bus: h.PrivateBus, granted_connection: str) -> None:

@@ -1,5 +1,5 @@
 """Bad input over the bus: a clear documented error, and nothing changes (kernel state, saved
-state, properties); the daemon survives a flood and its memory does not grow."""
+state, properties); the daemon survives a flood."""
 
 from __future__ import annotations
 
@@ -127,7 +127,8 @@ def test_nft_looking_valid_name_is_data(busy_daemon: h.Tproxyd, bus: h.PrivateBu
 
 def test_flood_of_concurrent_calls(busy_daemon: h.Tproxyd, bus: h.PrivateBus) -> None:
     """1,000 concurrent calls from 10 connections (5 root sending bad input, 5 plain user sending
-    valid calls): only documented errors, nothing changes, the daemon survives, RSS stays flat."""
+    valid calls): only documented errors, nothing changes, the daemon survives. (Its memory under
+    repeated floods is bench/'s to measure: a ceiling depends on the machine.)"""
     before = snapshot(busy_daemon, bus)
     hostile = [*hostile_calls(), ["EnableLink", "s", [h.LINK_B]], ["SetEnabled", "s", ["yes"]]]
     valid: list[list[Any]] = [
@@ -147,15 +148,5 @@ def test_flood_of_concurrent_calls(busy_daemon: h.Tproxyd, bus: h.PrivateBus) ->
     assert sum(counts.values()) == 1000
     assert set(counts) <= DOCUMENTED, counts
     assert counts[names.ERROR_ACCESS_DENIED] + counts.get(names.ERROR_BUSY, 0) == 500  # every plain call refused
-    assert busy_daemon.alive()
-    assert_unchanged(before, snapshot(busy_daemon, bus))
-
-    rss_after_warmup = busy_daemon.rss_kb()
-    for _ in range(5):
-        counts = one_round()
-        assert set(counts) <= DOCUMENTED and sum(counts.values()) == 1000, counts
-    growth = busy_daemon.rss_kb() - rss_after_warmup
-    print(f"RSS after the warm-up round {rss_after_warmup} kB, after 5 more rounds +{growth} kB")
-    assert growth < 4096, f"RSS grew by {growth} kB over 5,000 more calls"
     assert busy_daemon.alive()
     assert_unchanged(before, snapshot(busy_daemon, bus))

@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -133,12 +132,6 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except (FileNotFoundError, ProcessLookupError):
         return ""
-
-
-def rss_kb(pid: int) -> int:
-    match = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
-    assert match, f"no VmRSS for {pid}"
-    return int(match.group(1))
 
 
 def session_alive(sid: int) -> bool:
@@ -552,10 +545,6 @@ class Tproxyd:
 
     def active_links(self) -> list[str]:
         return list(self.sandbox.bus.properties()["ActiveLinks"])
-
-    def rss_kb(self) -> int:
-        assert self.proc is not None
-        return rss_kb(self.proc.pid)
 
 
 # --- kernel state ---------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,6 @@ from .test_policies import wait_sets
 
 pytestmark = pytest.mark.root
 
-AT_ONCE = 0.5  # s: what "returns at once" means here (a shell and a fork)
 CALL_TIMEOUT = 2  # s: the script's busctl --timeout
 
 
@@ -81,14 +79,12 @@ def test_nm_dispatcher_runs_the_script_which_calls_reapply(nm_world: h.World, mo
 class ScriptRun:
     rc: int
     output: str
-    seconds: float
     session: int  # the script led its own session: what it left in the background is in it
 
 
 def run_script(w: h.World, *args: str) -> ScriptRun:
     """The shipped script, as nm-dispatcher runs it (ACTION in $2), against the sandbox's bus."""
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DBUS_SYSTEM_BUS_ADDRESS": w.bus.address}
-    start = time.monotonic()
     proc = subprocess.Popen(
         [str(h.DISPATCHER_SCRIPT), *args],
         env=env,
@@ -99,7 +95,7 @@ def run_script(w: h.World, *args: str) -> ScriptRun:
         start_new_session=True,
     )
     output, _ = proc.communicate(timeout=10)
-    return ScriptRun(proc.returncode, output, time.monotonic() - start, proc.pid)
+    return ScriptRun(proc.returncode, output, proc.pid)
 
 
 BUSY_DAEMON = """
@@ -128,19 +124,20 @@ def test_script_returns_at_once_with_tproxyd_stopped_or_busy(world: h.World) -> 
     w = world
     # Stopped (and not installed for activation): the call fails at once in the background.
     script = run_script(w, h.CAFE_LINK, "up")
-    assert (script.rc, script.output) == (0, "") and script.seconds < AT_ONCE, script
+    assert (script.rc, script.output) == (0, ""), script
     h.wait_until(lambda: not h.session_alive(script.session), 5, "the background call to end")
 
-    # Busy: something owns the name but never answers. The script still returns at once; its
-    # background call gives up after its timeout.
+    # Busy: something owns the name but never answers. The script still returns at once (its
+    # background call is still waiting when it has returned: it did not wait for it); the call
+    # gives up after its timeout. How fast it returns is measured in bench/, not asserted here.
     busy = subprocess.Popen([sys.executable, "-c", BUSY_DAEMON, w.bus.address], stdout=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, text=True)  # fmt: skip
     try:
         assert busy.stdout is not None and busy.stdout.readline().strip() == "ready"
         script = run_script(w, h.CAFE_LINK, "dhcp4-change")
-        assert (script.rc, script.output) == (0, "") and script.seconds < AT_ONCE, script
+        assert (script.rc, script.output) == (0, ""), script
+        assert h.session_alive(script.session), "the script returned before its call to the busy daemon ended"
         assert busy.stdout.readline().strip() == "call Reapply"
-        assert h.session_alive(script.session), "the call should still be waiting for the busy daemon"
         h.wait_until(lambda: not h.session_alive(script.session), CALL_TIMEOUT + 3, "the background call to time out")
     finally:
         busy.send_signal(signal.SIGTERM)
@@ -157,7 +154,7 @@ def test_script_activates_tproxyd_when_installed_but_not_running(world: h.World,
     )
     assert not w.bus.has_owner(names.BUS_NAME)
     script = run_script(w, h.CAFE_LINK, "up")
-    assert script.rc == 0 and script.seconds < AT_ONCE, script
+    assert script.rc == 0, script
     h.wait_until(lambda: w.bus.has_owner(names.BUS_NAME), 20, "tproxyd D-Bus-activated by the script's call")
     h.wait_until(lambda: w.bus.properties()["State"] != "starting", 20, "the activated tproxyd to be ready")
     assert monitor.find(is_reapply)
