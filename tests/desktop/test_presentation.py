@@ -218,3 +218,87 @@ def test_fallback_desktop_file() -> None:
     assert 'tproxyd-toggle = "tproxy_service.toggle.main:main"' in (REPO / "pyproject.toml").read_text()
     assert section["Icon"] in P.ICONS.values()
     assert section["Name"] == P.HEADER_TITLE
+
+
+# --- hand-written expectations --------------------------------------------------------------------
+# presentation_cases.json is printed by the JS module it checks, so it cannot catch a wording the
+# module got wrong in the first place. These are written by hand from what a user must see in the
+# important states, with their own snapshots, and checked against the JS module and the Python port.
+
+
+def _props(
+    state: str, active: list[str], error: str = "", enabled: bool = True, policy: str = "open"
+) -> dict[str, Any]:
+    return {
+        "Enabled": enabled,
+        "Links": {"wlan0": "host"},
+        "ActiveLinks": active,
+        "State": state,
+        "CoreState": "active",
+        "FailurePolicy": policy,
+        "LastError": error,
+        "Version": "0.1.0",
+    }
+
+
+# name -> (snapshot, the fields a user sees: switch sensitive, switch on, status line, warning badge)
+IMPORTANT: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "not running": (
+        {"running": False, "props": None, "nmLinks": None},
+        {"sensitive": False, "checked": False, "status": "tproxyd is not running", "warning": False},
+    ),
+    "off": (
+        {"running": True, "props": _props("off", [], enabled=False), "nmLinks": None},
+        {"sensitive": True, "checked": False, "status": "proxy off", "warning": False},
+    ),
+    "starting": (
+        {"running": True, "props": _props("starting", []), "nmLinks": None},
+        {"sensitive": True, "checked": True, "status": "starting", "warning": False},
+    ),
+    "active": (
+        {"running": True, "props": _props("active", ["wlan0"]), "nmLinks": None},
+        {"sensitive": True, "checked": True, "status": "active on wlan0", "warning": False},
+    ),
+    "degraded": (
+        {"running": True, "props": _props("degraded", [], "the core is not listening"), "nmLinks": None},
+        {"sensitive": True, "checked": True, "status": "core down: traffic direct", "warning": True},
+    ),
+    "blocked": (
+        {
+            "running": True,
+            "props": _props("blocked", ["wlan0"], "the core is not listening", policy="closed"),
+            "nmLinks": None,
+        },
+        {"sensitive": True, "checked": True, "status": "blocked: core down", "warning": True},
+    ),
+    "failed": (
+        {"running": True, "props": _props("failed", [], "the kernel said no"), "nmLinks": None},
+        {"sensitive": True, "checked": True, "status": "failed: the kernel said no", "warning": True},
+    ),
+}
+
+
+def _seen(shown: dict[str, Any]) -> dict[str, Any]:
+    keys = ("sensitive", "checked", "status")
+    return {**{k: shown[k] for k in keys}, "warning": shown["indicator"]["warning"]}
+
+
+def test_important_states_as_written_by_hand_python_port() -> None:
+    assert {name: _seen(P.present(snap)) for name, (snap, _) in IMPORTANT.items()} == {
+        name: want for name, (_, want) in IMPORTANT.items()
+    }
+
+
+def test_important_states_as_written_by_hand_js_module(tmp_path: Path) -> None:
+    script = tmp_path / "present.js"
+    script.write_text(
+        f"import * as P from '{(EXTENSION / 'presentation.js').as_uri()}';\n"
+        f"const snapshots = {json.dumps({name: snap for name, (snap, _) in IMPORTANT.items()})};\n"
+        "const out = {};\n"
+        "for (const [name, snap] of Object.entries(snapshots)) out[name] = P.present(snap);\n"
+        "print(JSON.stringify(out));\n"
+    )
+    proc = subprocess.run([gjs(), "-m", str(script)], capture_output=True, text=True, timeout=60, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert {name: _seen(shown[name]) for name in IMPORTANT} == {name: want for name, (_, want) in IMPORTANT.items()}
