@@ -164,21 +164,12 @@ class Daemon:
 
 
 def write_config(path: Path, bypass_file: Path, links: dict[str, str]) -> None:
-    state = path.parent / "state"
-    runtime = path.parent / "run"
-    lines = [
-        f'state_dir = "{state}"',
-        f'runtime_dir = "{runtime}"',
-        "[bypass]",
-        f'files = ["{bypass_file}"]',
-        "[links]",
-        *(f'{name} = "{mode}"' for name, mode in links.items()),
-        # No proxy core in the benchmarks: tproxyd treats the core as external and diverts anyway
-        # (diverted traffic then finds no listener, which dataplane.py uses as its control).
-        "[core]",
-        "supervise = false",
-    ]
-    path.write_text("\n".join(lines) + "\n")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' config renderer
+    from tests import tproxyd_config
+
+    # No proxy core in the benchmarks: tproxyd treats the core as external and diverts anyway
+    # (diverted traffic then finds no listener, which dataplane.py uses as its control).
+    tproxyd_config.write_config(path, bypass={"files": [bypass_file]}, core={"supervise": False}, links=links)
 
 
 # --- bypass lists -------------------------------------------------------------------------------

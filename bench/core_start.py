@@ -70,6 +70,7 @@ sys.path.insert(0, str(ROOT))
 from tests.e2e import harness as e2e  # noqa: E402  (the repository root is on sys.path now)
 from tests.e2e.usermanager import UserManager  # noqa: E402
 from tests.integration.harness import PrivateBus, plain  # noqa: E402
+from tests.tproxyd_config import write_config  # noqa: E402
 
 GOAL_MS = 1000.0
 MAX_REPEATS = 25  # per part; the unit's start limit is 30 starts in 60 s
@@ -458,12 +459,11 @@ def start_tproxyd(lab: Lab, policy: str) -> subprocess.Popen[bytes]:
             }
         )
     )
-    config = lab.workdir / "tproxyd.toml"
-    config.write_text(
-        f'state_dir = "{lab.workdir / "state"}"\n'
-        f'runtime_dir = "{lab.manager.runtime_dir / "tproxyd"}"  # %t/tproxyd in the unit\n'
-        f'[tproxy]\nfailure_policy = "{policy}"\n'
-        f'[core]\nconfig = "{user_config}"\nsystemd_bus = "{lab.manager.bus_address}"\n'
+    config = write_config(
+        lab.workdir / "tproxyd.toml",
+        runtime_dir=lab.manager.runtime_dir / "tproxyd",  # %t/tproxyd in the unit
+        tproxy={"failure_policy": policy},
+        core={"config": user_config, "systemd_bus": lab.manager.bus_address},
     )
     log_path = lab.workdir / "tproxyd.log"
     proc = e2e.spawn(

@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from tests.e2e import harness as h  # noqa: E402  (the demo reuses the test harness)
 from tests.e2e.usermanager import UserManager  # noqa: E402
 from tests.integration.harness import Polkit, PrivateBus  # noqa: E402
+from tests.tproxyd_config import write_config  # noqa: E402
 
 CLI, GW, UP, SRV = "tpm-cli", "tpm-gw", "tpm-up", "tpm-srv"
 LAN_LINK, UP_LINK = "tpm-gc", "tpm-gu"
@@ -157,10 +158,10 @@ def run_demo(demo: Demo, stack: ExitStack) -> None:
             ],
         },
     )
-    config = w / "tproxyd.toml"
-    config.write_text(
-        f'state_dir = "{w / "state"}"\nruntime_dir = "{manager.runtime_dir / "tproxyd"}"\n'
-        f'[core]\nconfig = "{core}"\nsystemd_bus = "{manager.bus_address}"\n'
+    config = write_config(
+        w / "tproxyd.toml",
+        runtime_dir=manager.runtime_dir / "tproxyd",
+        core={"config": core, "systemd_bus": manager.bus_address},
     )
     log = w / "tproxyd.log"
     daemon = h.spawn(GW, [str(h.TPROXYD), "--config", str(config)], log, env={"DBUS_SYSTEM_BUS_ADDRESS": bus.address})

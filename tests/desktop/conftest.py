@@ -24,6 +24,7 @@ import pytest
 
 from tests import support
 from tests.integration import harness as h
+from tests.tproxyd_config import write_config
 
 if TYPE_CHECKING:
     from .shell import ShellSession
@@ -169,15 +170,13 @@ def desktop_stack(prerequisites: None) -> Iterator[DesktopStack]:
 def core_down_config(daemon: h.Tproxyd, links: dict[str, str], policy: str) -> None:
     """A supervised core whose systemd manager cannot be reached: to tproxyd the core is down from
     the start, so the failure policy applies at once (State degraded for open, blocked for closed)."""
-    lines = [
-        f'state_dir = "{daemon.state_dir}"',
-        f'runtime_dir = "{daemon.workdir / "run"}"',
-        f'[tproxy]\nfailure_policy = "{policy}"',
-        f'[core]\nsupervise = true\nsystemd_bus = "unix:path={daemon.workdir / "no-systemd-here"}"',
-        "[links]",
-        *(f'{name} = "{mode}"' for name, mode in links.items()),
-    ]
-    daemon.config.write_text("\n".join(lines) + "\n")
+    write_config(
+        daemon.config,
+        daemon.workdir,
+        tproxy={"failure_policy": policy},
+        core={"supervise": True, "systemd_bus": f"unix:path={daemon.workdir / 'no-systemd-here'}"},
+        links=links,
+    )
 
 
 MakeDaemon = Callable[..., h.Tproxyd]

@@ -32,6 +32,7 @@ from tests.support import netns_list as netns_list
 from tests.support import run as run
 from tests.support import stop_process as stop_process
 from tests.support import wait_until as wait_until
+from tests.tproxyd_config import render_config
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -545,34 +546,24 @@ class TproxydConfig:
         list_file.write_text(
             "# bypass list used by the e2e tests\n" + "".join(f"{c}  # test entry\n" for c in self.list_file_cidrs)
         )
-        links = "".join(f'"{name}" = "{mode}"\n' for name, mode in self.links.items())
-        return f"""\
-state_dir = "{self.workdir / "state"}"
-runtime_dir = "{self.workdir / "run"}"
-
-[tproxy]
-port = {self.port}
-mark = {FWMARK}
-core_mark = {CORE_MARK}
-route_table = {ROUTE_TABLE}
-rule_priority = {RULE_PRIORITY}
-ipv6 = {json.dumps(self.ipv6)}
-udp = {json.dumps(self.udp)}
-dns_hijack = "{self.dns_hijack}"
-failure_policy = "{self.failure_policy}"
-
-[bypass]
-reserved = true
-local_subnets = true
-cidrs = {json.dumps(list(self.cidrs))}
-files = ["{list_file}"]
-
-[core]
-supervise = false  # the lab runs its own v2ray; tproxyd treats it as always ready
-{f'config = "{self.core_config}"' if self.core_config else ""}
-
-[links]
-{links}"""
+        return render_config(
+            self.workdir,
+            tproxy={
+                "port": self.port,
+                "mark": FWMARK,
+                "core_mark": CORE_MARK,
+                "route_table": ROUTE_TABLE,
+                "rule_priority": RULE_PRIORITY,
+                "ipv6": self.ipv6,
+                "udp": self.udp,
+                "dns_hijack": self.dns_hijack,
+                "failure_policy": self.failure_policy,
+            },
+            bypass={"reserved": True, "local_subnets": True, "cidrs": list(self.cidrs), "files": [list_file]},
+            # The lab runs its own v2ray; tproxyd treats it as always ready.
+            core={"supervise": False, **({"config": self.core_config} if self.core_config else {})},
+            links=self.links,
+        )
 
     def write(self) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,7 @@ from tproxy_service.bus import names
 
 from ..integration import harness as ih
 from ..integration.monitor import Monitor
+from ..tproxyd_config import write_config
 from . import harness as h
 from .usermanager import UserManager
 
@@ -69,17 +71,26 @@ class CoreStack:
         self.user_config.write_text(json.dumps(config))
 
     def start(
-        self, policy: str, systemd_bus: str = "", extra_core: str = "", links: str = "", wait: bool = True
+        self,
+        policy: str,
+        systemd_bus: str = "",
+        extra_core: dict[str, Any] | None = None,
+        links: dict[str, str] | None = None,
+        wait: bool = True,
     ) -> subprocess.Popen[bytes]:
-        """`extra_core`: more [core] keys; `links`: the [links] table's lines."""
+        """`extra_core`: more [core] keys."""
         self.write_user_config()
-        config = self.workdir / "tproxyd.toml"
-        config.write_text(
-            f'state_dir = "{self.workdir / "state"}"\n'
-            f'runtime_dir = "{self.manager.runtime_dir / "tproxyd"}"  # %t/tproxyd in the unit\n'
-            f'[tproxy]\nport = {CORE_PORT}\nfailure_policy = "{policy}"\n'
-            f'[core]\nconfig = "{self.user_config}"\nsystemd_bus = "{systemd_bus or self.manager.bus_address}"\n'
-            f"{extra_core}\n[links]\n{links}\n"
+        config = write_config(
+            self.workdir / "tproxyd.toml",
+            self.workdir,
+            runtime_dir=self.manager.runtime_dir / "tproxyd",  # %t/tproxyd in the unit
+            tproxy={"port": CORE_PORT, "failure_policy": policy},
+            core={
+                "config": self.user_config,
+                "systemd_bus": systemd_bus or self.manager.bus_address,
+                **(extra_core or {}),
+            },
+            links=links,
         )
         log = self.workdir / "tproxyd.log"
         readies = log.read_text().count("tproxyd ready") if log.exists() else 0  # earlier runs'
@@ -484,7 +495,7 @@ def test_closed_policy_blocks_before_the_slow_core_check(lab: h.Lab, core_stack:
     binary = core_stack.workdir / "slow-core"
     binary.write_text(SLOW_CORE.format(started=started, release=release))
     binary.chmod(0o755)
-    daemon = core_stack.start("closed", extra_core=f'binary = "{binary}"', links=f'"{h.LAN_LINK}" = "lan"', wait=False)
+    daemon = core_stack.start("closed", extra_core={"binary": binary}, links={h.LAN_LINK: "lan"}, wait=False)
     try:
         h.wait_until(lambda: started.exists() or daemon.poll() is not None, 20, "tproxyd to run the core's -test")
         assert daemon.poll() is None

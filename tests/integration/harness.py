@@ -27,6 +27,7 @@ from dbus_fast.aio import MessageBus
 
 from tests import support
 from tests.support import wait_until as wait_until  # re-exported: the D-Bus tiers call h.wait_until
+from tests.tproxyd_config import write_config
 from tproxy_service.bus import names
 from tproxy_service.bus.call import plain
 
@@ -360,15 +361,7 @@ class Tproxyd:
 
     def write_config(self, links: dict[str, str] | None = None, extra: str = "") -> None:
         # No core: the D-Bus tier is about the API; tests/e2e/test_core.py covers the supervisor.
-        lines = [
-            f'state_dir = "{self.state_dir}"',
-            f'runtime_dir = "{self.workdir / "run"}"',
-            "[core]\nsupervise = false",
-            extra,
-            "[links]",
-        ]
-        lines += [f'{name} = "{mode}"' for name, mode in (links or {}).items()]
-        self.config.write_text("\n".join(lines) + "\n")
+        write_config(self.config, self.workdir, core={"supervise": False}, extra=extra, links=links)
 
     def start(self, wait: bool = True, env: dict[str, str] | None = None) -> None:
         """`env` adds to (or overrides) the bus's environment, e.g. NOTIFY_SOCKET."""

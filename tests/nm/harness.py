@@ -43,6 +43,7 @@ from dbus_fast.aio import MessageBus
 from tests.e2e import harness as e2e
 from tests.e2e.firewalld import BUS_POLICY as FIREWALLD_BUS_POLICY
 from tests.integration.harness import BUS_CONF, plain  # the same system-like bus, one more socket
+from tests.tproxyd_config import render_config
 from tproxy_service.bus import names
 
 REPO = Path(__file__).resolve().parents[2]
@@ -457,29 +458,23 @@ def tproxyd_config(
     nm: bool = True,
     core_config: Path | None = None,
 ) -> str:
-    links_toml = "".join(f'"{name}" = "{mode}"\n' for name, mode in (links or {}).items())
-    return f"""\
-state_dir = "{workdir / "state"}"
-runtime_dir = "{workdir / "run"}"
-
-[tproxy]
-port = {e2e.TPROXY_PORT}
-mark = {e2e.FWMARK}
-core_mark = {e2e.CORE_MARK}
-route_table = {e2e.ROUTE_TABLE}
-ipv6 = true
-udp = true
-failure_policy = "open"
-
-[core]
-supervise = false  # the test runs its own v2ray; tproxyd treats it as always ready
-{f'config = "{core_config}"  # what Core(generated=...) runs' if core_config else ""}
-
-[networkmanager]
-enabled = {"true" if nm else "false"}
-{policies}
-[links]
-{links_toml}"""
+    """`policies`: [[networkmanager.auto]] entries as TOML."""
+    return render_config(
+        workdir,
+        tproxy={
+            "port": e2e.TPROXY_PORT,
+            "mark": e2e.FWMARK,
+            "core_mark": e2e.CORE_MARK,
+            "route_table": e2e.ROUTE_TABLE,
+            "failure_policy": "open",
+        },
+        # The test runs its own v2ray; tproxyd treats it as always ready. `config` is what
+        # Core(generated=...) runs.
+        core={"supervise": False, **({"config": core_config} if core_config else {})},
+        networkmanager={"enabled": nm},
+        extra=policies,
+        links=links,
+    )
 
 
 # The policies most tests use: the café connection is proxied as `host`, any shared one as `lan`.
