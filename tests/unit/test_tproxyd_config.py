@@ -14,7 +14,7 @@ def test_rendered_config_parses_back(tmp_path: Path) -> None:
     text = render_config(
         tmp_path,
         runtime_dir=tmp_path / "rt",
-        tproxy={"port": 4242, "failure_policy": "closed", "ipv6": False},
+        tproxy={"port": 999, "failure_policy": "closed", "ipv6": False},
         bypass={"cidrs": ["192.0.2.0/24"], "files": [tmp_path / "list.txt"]},
         core={"supervise": False, "config": tmp_path / "core.json"},
         networkmanager={"enabled": True},
@@ -23,7 +23,7 @@ def test_rendered_config_parses_back(tmp_path: Path) -> None:
     )
     c = parse_config(text, "t.toml", tmp_path)
     assert (c.state_dir, c.runtime_dir) == (tmp_path / "state", tmp_path / "rt")
-    assert (c.tproxy.port, c.tproxy.failure_policy, c.tproxy.ipv6) == (4242, FailurePolicy.CLOSED, False)
+    assert (c.tproxy.port, c.tproxy.failure_policy, c.tproxy.ipv6) == (999, FailurePolicy.CLOSED, False)
     assert c.bypass.cidrs == ("192.0.2.0/24",) and c.bypass.files == (tmp_path / "list.txt",)
     assert not c.core.supervise and c.core.config == tmp_path / "core.json"
     assert c.networkmanager.auto == (AutoPolicy(LinkMode.HOST, id="Cafe Wi-Fi"),)
