@@ -17,7 +17,7 @@ from dbus_fast import Message, MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 
 from . import __version__
-from .bus.call import CallError, add_match, call, method_call, plain
+from .bus.call import CallError, add_match, call_method, method_call, plain
 from .bus.connection import connect_system_bus
 from .bus.names import (
     BUS_NAME,
@@ -151,7 +151,7 @@ class Client:
 async def _call(bus: MessageBus, message: Message) -> list[Any]:
     """bus.call.call, with an error reply turned into the CliError (and exit code) it means."""
     try:
-        return await call(bus, message)
+        return await call_method(bus, message)
     except CallError as e:
         text, code = e.text or e.name, _EXIT_FOR_ERROR.get(e.name, EXIT_FAILED)
         if code == EXIT_UNREACHABLE:

@@ -16,9 +16,10 @@ import itertools
 import logging
 from collections import OrderedDict
 
-from dbus_fast import Message, MessageFlag, MessageType, Variant
+from dbus_fast import Message, MessageFlag, Variant
 from dbus_fast.aio import MessageBus
 
+from .call import CallError, call_method, method_call
 from .errors import NotAuthorized
 from .names import (
     ACTION_CONFIGURE,
@@ -61,22 +62,13 @@ class Authorizer:
         """Whether the connection `sender` belongs to uid 0 (False when the bus cannot say)."""
         uid = self._uids.get(sender)
         if uid is None:
-            request = Message(
-                destination=DBUS_NAME,
-                path=DBUS_PATH,
-                interface=DBUS_IFACE,
-                member="GetConnectionUnixUser",
-                signature="s",
-                body=[sender],
-            )
+            request = method_call(DBUS_NAME, DBUS_PATH, DBUS_IFACE, "GetConnectionUnixUser", "s", [sender])
             async with self._lookups:
                 try:
-                    reply = await asyncio.wait_for(self._bus.call(request), self._timeout)
-                except Exception:
+                    (uid,) = await call_method(self._bus, request, self._timeout)
+                except Exception:  # an error reply, a timeout, a lost connection: the bus cannot say
                     return False
-            if reply.message_type is not MessageType.METHOD_RETURN:
-                return False
-            uid = int(reply.body[0])
+            uid = int(uid)
             self._uids[sender] = uid
             if len(self._uids) > _UIDS_REMEMBERED:
                 self._uids.popitem(last=False)
@@ -92,13 +84,13 @@ class Authorizer:
             return
         interactive = bool(call.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
         cancel_id = f"tproxyd-{next(self._ids)}"
-        request = Message(
-            destination=POLKIT_NAME,
-            path=POLKIT_PATH,
-            interface=POLKIT_IFACE,
-            member="CheckAuthorization",
-            signature="(sa{sv})sa{ss}us",
-            body=[
+        request = method_call(
+            POLKIT_NAME,
+            POLKIT_PATH,
+            POLKIT_IFACE,
+            "CheckAuthorization",
+            "(sa{sv})sa{ss}us",
+            [
                 ["system-bus-name", {"name": Variant("s", sender)}],
                 action,
                 {},
@@ -108,19 +100,18 @@ class Authorizer:
         )
         timeout = self._interactive_timeout if interactive else self._timeout
         try:
-            reply = await asyncio.wait_for(self._bus.call(request), timeout)
+            (result,) = await call_method(self._bus, request, timeout)
         except TimeoutError:
             self._cancel(cancel_id)
             raise self._no_polkit(verb, f"polkit did not answer within {timeout:g} seconds") from None
+        except CallError as e:
+            if e.name in _POLKIT_ABSENT:
+                raise self._no_polkit(verb, "polkit is not running") from None
+            raise NotAuthorized(f"not authorized to {verb} tproxyd: polkit failed ({e.text or e.name})") from None
         except Exception as e:  # the bus connection failed under us
             raise NotAuthorized(f"not authorized to {verb} tproxyd: could not ask polkit ({e})") from None
-        if reply.message_type is MessageType.ERROR:
-            if reply.error_name in _POLKIT_ABSENT:
-                raise self._no_polkit(verb, "polkit is not running")
-            detail = reply.body[0] if reply.body and isinstance(reply.body[0], str) else reply.error_name
-            raise NotAuthorized(f"not authorized to {verb} tproxyd: polkit failed ({detail})")
         self._warned_no_polkit = False  # polkit answers: warn again at its next outage
-        authorized, challenge, _details = reply.body[0]
+        authorized, challenge, _details = result
         if authorized:
             return
         if challenge and not interactive:
@@ -137,13 +128,13 @@ class Authorizer:
 
     def _cancel(self, cancel_id: str) -> None:
         self._bus.send(
-            Message(
-                destination=POLKIT_NAME,
-                path=POLKIT_PATH,
-                interface=POLKIT_IFACE,
-                member="CancelCheckAuthorization",
-                signature="s",
-                body=[cancel_id],
-                flags=MessageFlag.NO_REPLY_EXPECTED,
+            method_call(
+                POLKIT_NAME,
+                POLKIT_PATH,
+                POLKIT_IFACE,
+                "CancelCheckAuthorization",
+                "s",
+                [cancel_id],
+                MessageFlag.NO_REPLY_EXPECTED,
             )
         )

@@ -43,7 +43,7 @@ def method_call(
     )
 
 
-async def call(bus: MessageBus, message: Message, timeout: float | None = None) -> list[Any]:
+async def call_method(bus: MessageBus, message: Message, timeout: float | None = None) -> list[Any]:
     """The reply's body. Raises CallError for an error reply, TimeoutError after `timeout` s (None:
     wait as long as the bus does), and whatever dbus-fast raises when the connection fails."""
     reply = await asyncio.wait_for(bus.call(message), timeout)
@@ -56,7 +56,7 @@ async def call(bus: MessageBus, message: Message, timeout: float | None = None) 
 
 async def add_match(bus: MessageBus, rule: str, timeout: float | None = None) -> None:
     """Subscribe `bus` to the signals `rule` matches (the bus daemon's AddMatch)."""
-    await call(bus, method_call(DBUS_NAME, DBUS_PATH, DBUS_IFACE, "AddMatch", "s", [rule]), timeout)
+    await call_method(bus, method_call(DBUS_NAME, DBUS_PATH, DBUS_IFACE, "AddMatch", "s", [rule]), timeout)
 
 
 def plain(value: Any) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from ..bus.call import CallError, add_match, call, method_call
+from ..bus.call import CallError, add_match, call_method, method_call
 from ..bus.names import (
     PROPERTIES_IFACE,
     SYSTEMD_MANAGER_IFACE,
@@ -81,7 +81,7 @@ class SystemdUnit:
         if self._bus is None:
             raise SystemdError("not connected to the systemd manager")
         try:
-            return await call(self._bus, method_call(dest, path, iface, member, sig, body))
+            return await call_method(self._bus, method_call(dest, path, iface, member, sig, body))
         except CallError as e:
             raise SystemdError(f"systemd {member} {self.unit}: {e.text or e.name}") from None
 

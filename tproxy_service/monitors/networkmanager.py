@@ -25,7 +25,7 @@ from typing import Any
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from ..bus.call import CallError, add_match, call, method_call, plain
+from ..bus.call import CallError, add_match, call_method, method_call, plain
 from ..bus.connection import connect_system_bus
 from ..bus.names import (
     DBUS_IFACE,
@@ -409,7 +409,9 @@ class NetworkManagerMonitor:
         self, destination: str, path: str, iface: str, member: str, signature: str = "", body: list[Any] | None = None
     ) -> list[Any]:
         assert self._bus is not None
-        return await call(self._bus, method_call(destination, path, iface, member, signature, body), self._timeout)
+        return await call_method(
+            self._bus, method_call(destination, path, iface, member, signature, body), self._timeout
+        )
 
 
 def _relevant(msg: Message) -> str | None:
