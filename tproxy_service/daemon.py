@@ -135,7 +135,11 @@ class Daemon:
     async def _follow_nm(self, enabled: bool) -> None:
         """Start or stop following NetworkManager ([networkmanager] enabled)."""
         if enabled and self.nm is None:
-            self.nm = NetworkManagerMonitor(self.control.set_network, lambda reason: self.engine.reapply(reason))
+            bus = self.bus.connection if self.bus is not None else None
+            if bus is None:  # (the D-Bus service has already said why); followed once the bus is there
+                log.info("not following NetworkManager without the system bus; links follow netlink only")
+                return
+            self.nm = NetworkManagerMonitor(self.control.set_network, lambda reason: self.engine.reapply(reason), bus)
             await self.nm.start()
         elif not enabled and self.nm is not None:
             await self.nm.stop()
@@ -144,8 +148,8 @@ class Daemon:
             self.control.set_network(NmFacts(), "stopped following NetworkManager")
 
     async def _bus_back(self) -> None:
-        """The system bus came (back): NetworkManager is followed on a connection of its own,
-        which the same event ended, so follow it anew."""
+        """The system bus came (back): NetworkManager is followed on the service's connection,
+        which the same event ended, so follow it anew on the new one."""
         if self.nm is not None:
             await self.nm.stop()
             self.nm = None

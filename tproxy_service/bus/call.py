@@ -1,5 +1,5 @@
 """Calling other D-Bus services: one method-call helper with one error mapping (an error reply is
-a CallError), one AddMatch, one Variant unwrapper. The daemon's adapters (polkit, systemd,
+a CallError), one AddMatch (and RemoveMatch), one Variant unwrapper. The daemon's adapters (polkit, systemd,
 NetworkManager) and tproxyctl use these."""
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ async def call_method(bus: MessageBus, message: Message, timeout: float | None =
 async def add_match(bus: MessageBus, rule: str, timeout: float | None = None) -> None:
     """Subscribe `bus` to the signals `rule` matches (the bus daemon's AddMatch)."""
     await call_method(bus, method_call(DBUS_NAME, DBUS_PATH, DBUS_IFACE, "AddMatch", "s", [rule]), timeout)
+
+
+async def remove_match(bus: MessageBus, rule: str, timeout: float | None = None) -> None:
+    await call_method(bus, method_call(DBUS_NAME, DBUS_PATH, DBUS_IFACE, "RemoveMatch", "s", [rule]), timeout)
 
 
 def plain(value: Any) -> Any:

@@ -265,6 +265,12 @@ class BusService:
         log.info("owning %s on the system bus", BUS_NAME)
         return True
 
+    @property
+    def connection(self) -> MessageBus | None:
+        """The system-bus connection while we have one: the daemon's only one, which the
+        NetworkManager monitor shares (docs/architecture.md, "What each adapter owns")."""
+        return self._conn.bus if self._conn is not None else None
+
     def keep_connected(self) -> None:
         """From now on, whenever the bus goes away (or is not there yet), connect again with a
         backoff and own the name again. The rules stay in place meanwhile."""

@@ -18,15 +18,14 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from ..bus.call import CallError, add_match, call_method, method_call, plain
-from ..bus.connection import connect_system_bus
+from ..bus.call import CallError, add_match, call_method, method_call, plain, remove_match
 from ..bus.names import (
     DBUS_IFACE,
     DBUS_NAME,
@@ -174,14 +173,16 @@ class NetworkManagerMonitor:
         self,
         on_facts: Callable[[NmFacts, str], object],
         on_wake: Callable[[str], object],
-        connect: Callable[[], Awaitable[MessageBus]] = connect_system_bus,
+        bus: MessageBus,
         call_timeout: float = CALL_TIMEOUT,
     ) -> None:
+        """`bus`: the daemon's system-bus connection (the D-Bus service's; shared, never closed
+        here)."""
         self._on_facts = on_facts
         self._on_wake = on_wake
-        self._connect = connect
         self._timeout = call_timeout
-        self._bus: MessageBus | None = None
+        self._shared_bus = bus
+        self._bus: MessageBus | None = None  # while subscribed
         self._owner: str | None = None  # NetworkManager's unique name while it is on the bus
         self._facts = NmFacts()
         self._shared: dict[tuple[str, str], bool] = {}  # (owner, active connection path) -> shared
@@ -199,13 +200,7 @@ class NetworkManagerMonitor:
     async def start(self, wait: float = START_TIMEOUT) -> None:
         """Subscribe, then read NetworkManager's state (waiting up to `wait` s for the first read,
         so the daemon's first reconcile already has it)."""
-        try:
-            bus = await self._connect()
-        except Exception as e:
-            # (The D-Bus service has already warned about the bus itself.)
-            log.info("not following NetworkManager: the system bus is unreachable (%s); links follow netlink only", e)
-            return
-        self._bus = bus
+        bus = self._bus = self._shared_bus
         bus.add_message_handler(self._on_message)
         try:
             for rule in MATCH_RULES:
@@ -213,8 +208,7 @@ class NetworkManagerMonitor:
             self._owner = await self._name_owner()
         except (CallError, TimeoutError) as e:
             log.warning("could not subscribe to NetworkManager (%s); not following it", e)
-            bus.disconnect()
-            self._bus = None
+            await self._unsubscribe()
             return
         if self._owner:
             log.info("following NetworkManager")
@@ -234,9 +228,18 @@ class NetworkManagerMonitor:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
-        if self._bus is not None:
-            self._bus.disconnect()
-            self._bus = None
+        await self._unsubscribe()
+
+    async def _unsubscribe(self) -> None:
+        """Leave the shared connection as we found it (best effort: it may be gone already)."""
+        bus, self._bus = self._bus, None
+        if bus is None:
+            return
+        bus.remove_message_handler(self._on_message)
+        if bus.connected:
+            for rule in MATCH_RULES:
+                with contextlib.suppress(Exception):
+                    await remove_match(bus, rule, self._timeout)
 
     async def refresh(self, wait: float = 1.0) -> None:
         """Re-read everything now (Reapply: `nmcli device reapply` changes nothing we get a signal
