@@ -13,7 +13,7 @@ from typing import Any
 from .bounded_read import read_text
 from .cidrs import load_cidr_file, parse_cidrs, union
 from .errors import ConfigError, InvalidArgument
-from .ifname import validate_ifname
+from .ifname import parse_link
 from .model import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_FILE_LINES,
@@ -290,10 +290,7 @@ def parse_config(
     link_defaults: dict[str, LinkMode] = {}
     for ifname, mode in links_t.items():
         try:
-            validate_ifname(ifname)
-            if not isinstance(mode, str):
-                raise InvalidArgument(f"mode must be a string, got {_show(mode)}")
-            link_defaults[ifname] = LinkMode(LinkChoice.parse(mode, FIXED_MODES).value)
+            link_defaults[ifname] = LinkMode(parse_link(ifname, mode, FIXED_MODES).value)
         except InvalidArgument as e:
             raise src.error("links", ifname, str(e)) from None
 

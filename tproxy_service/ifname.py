@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .errors import InvalidArgument
+from .model import LinkChoice
 
 IFNAMSIZ = 16  # including the trailing NUL
 
@@ -19,3 +22,11 @@ def validate_ifname(name: str) -> str:
         if ch in "/:" or ch.isspace() or not ch.isprintable():
             raise InvalidArgument(f"interface name {shown} contains a character the kernel rejects ({ch!r})")
     return name
+
+
+def parse_link(ifname: str, value: Any, allowed: tuple[LinkChoice, ...]) -> LinkChoice:
+    """One link's entry of a config's [links] or of state.json; InvalidArgument says what is wrong."""
+    validate_ifname(ifname)
+    if not isinstance(value, str):
+        raise InvalidArgument(f"mode must be a string, got {str(value)[:40]!r}")
+    return LinkChoice.parse(value, allowed)

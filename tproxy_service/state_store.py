@@ -19,7 +19,7 @@ from typing import Any
 
 from .atomic_file import write_atomic
 from .errors import InvalidArgument
-from .ifname import validate_ifname
+from .ifname import parse_link
 from .model import STATE_CHOICES, LinkChoice
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,7 @@ class Choices:
         parsed: dict[str, LinkChoice] = {}
         for name, value in links.items():
             try:
-                validate_ifname(name)
-                if not isinstance(value, str):
-                    raise InvalidArgument(f"link {name!r} has unknown choice {value!r}")
-                parsed[name] = LinkChoice.parse(value, STATE_CHOICES)
+                parsed[name] = parse_link(name, value, STATE_CHOICES)
             except InvalidArgument as e:
                 raise ValueError(str(e)) from None
         return Choices(enabled, parsed)

@@ -29,7 +29,7 @@ from tests import support
 from tests.support import wait_until as wait_until  # re-exported: the D-Bus tiers call h.wait_until
 from tests.tproxyd_config import write_config
 from tproxy_service.bus import names
-from tproxy_service.bus.call import plain
+from tproxy_service.bus.call import method_call, plain
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
@@ -195,15 +195,9 @@ class PrivateBus:
         destination: str = names.BUS_NAME,
         path: str = names.OBJECT_PATH,
     ) -> Reply:
-        msg = Message(
-            destination=destination,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=body or [],
+        return asyncio.run(
+            _call_async(self.address, method_call(destination, path, interface, member, signature, body))
         )
-        return asyncio.run(_call_async(self.address, msg))
 
     def has_owner(self, name: str) -> bool:
         reply = self.call(

@@ -45,6 +45,7 @@ from tests.e2e.firewalld import BUS_POLICY as FIREWALLD_BUS_POLICY
 from tests.integration.harness import BUS_CONF, plain  # the same system-like bus, one more socket
 from tests.tproxyd_config import render_config
 from tproxy_service.bus import names
+from tproxy_service.bus.call import method_call
 
 REPO = Path(__file__).resolve().parents[2]
 TPROXYD = REPO / ".venv" / "bin" / "tproxyd"
@@ -183,10 +184,7 @@ class Bus:
         body: list[Any] | None = None,
         timeout: float = 20,
     ) -> Reply:
-        msg = Message(
-            destination=destination, path=path, interface=interface, member=member, signature=signature, body=body or []
-        )
-        return asyncio.run(self._call(msg, timeout))
+        return asyncio.run(self._call(method_call(destination, path, interface, member, signature, body), timeout))
 
     def has_owner(self, name: str) -> bool:
         reply = self.call(names.DBUS_NAME, names.DBUS_PATH, names.DBUS_IFACE, "NameHasOwner", "s", [name])

@@ -46,10 +46,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dbus_fast import Message, MessageFlag, MessageType
+from dbus_fast import MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 
 from tests import support
+from tproxy_service.bus.call import method_call
 
 from .images import UNSHARE_PRIVATE, die_with_parent
 
@@ -476,16 +477,7 @@ class Container:
         bus = await MessageBus(bus_address=self.bus_address).connect()
         try:
             # Observing never starts anything: no D-Bus activation by the harness's own calls.
-            message = Message(
-                destination=dest,
-                path=path,
-                interface=iface,
-                member=member,
-                signature=signature,
-                body=body,
-                flags=MessageFlag.NO_AUTOSTART,
-            )
-            reply = await bus.call(message)
+            reply = await bus.call(method_call(dest, path, iface, member, signature, body, MessageFlag.NO_AUTOSTART))
         finally:
             bus.disconnect()
         assert reply is not None
