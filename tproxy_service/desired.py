@@ -90,7 +90,7 @@ def compute_desired(
     return DesiredState(nft=nft, routing=build_routing(config.tproxy), active_links=active)
 
 
-def with_core(desired: DesiredState, core_ready: bool, policy: FailurePolicy) -> DesiredState:
+def apply_failure_policy(desired: DesiredState, core_ready: bool, policy: FailurePolicy) -> DesiredState:
     """Core not ready: "open" withdraws the diversion (traffic goes direct) by emptying the link
     sets, keeping table and routing so its return is an element update; "closed" keeps the
     diversion, and the proxy chain's final drop blocks what no core socket takes."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .coalescer import Coalescer
-from .desired import bypass_set, compute_desired, service_state, too_wide_subnets, with_core
+from .desired import apply_failure_policy, bypass_set, compute_desired, service_state, too_wide_subnets
 from .errors import KernelError
 from .intent import Intent
 from .model import Config, CoreStatus, DesiredState, Facts, LinkMode, NftState, RoutingState, ServiceState
@@ -179,7 +179,7 @@ class Engine:
         try:
             facts = await self._facts.read()
             desired = compute_desired(self.config, self.proxied_links, self._intent.enabled, facts, self._bypass)
-            desired = with_core(desired, False, self.config.tproxy.failure_policy)
+            desired = apply_failure_policy(desired, False, self.config.tproxy.failure_policy)
             if desired.nft is None:
                 return
             await self._apply(self._applied, desired, False, False)
@@ -229,7 +229,7 @@ class Engine:
         wanted = desired.nft is not None
         core = await self._drive_core(wanted)
         policy = self.config.tproxy.failure_policy
-        desired = with_core(desired, core.ready, policy)
+        desired = apply_failure_policy(desired, core.ready, policy)
         previous = self._applied
         try:
             if verify and previous.nft is not None and not await self._nft.exists():

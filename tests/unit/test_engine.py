@@ -360,7 +360,7 @@ class FakeCore:
         self.wants.append(run)
 
 
-def make_with_core(policy: FailurePolicy) -> tuple[Engine, FakeNft, FakeCore]:
+def make_with_a_core(policy: FailurePolicy) -> tuple[Engine, FakeNft, FakeCore]:
     nft, routing, facts, core = FakeNft(), FakeRouting(), FakeFacts(), FakeCore()
     config = Config(link_defaults={"eth0": LinkMode.BOTH}, tproxy=TproxySettings(failure_policy=policy))
     return Engine(config, nft, routing, facts, core), nft, core
@@ -368,7 +368,7 @@ def make_with_core(policy: FailurePolicy) -> tuple[Engine, FakeNft, FakeCore]:
 
 def test_core_lifecycle_open_policy() -> None:
     async def body() -> None:
-        engine, nft, core = make_with_core(FailurePolicy.OPEN)
+        engine, nft, core = make_with_a_core(FailurePolicy.OPEN)
         engine.start()
         status = await engine.reconcile("startup")
         assert core.wants[-1] is True
@@ -391,7 +391,7 @@ def test_core_lifecycle_open_policy() -> None:
 
 def test_core_outage_closed_policy_keeps_diversion() -> None:
     async def body() -> None:
-        engine, nft, core = make_with_core(FailurePolicy.CLOSED)
+        engine, nft, core = make_with_a_core(FailurePolicy.CLOSED)
         engine.start()
         core.status = CoreStatus(active_state="active", ready=True)
         assert (await engine.reconcile("startup")).state is ServiceState.ACTIVE
@@ -448,7 +448,7 @@ def test_a_firewall_that_cannot_admit_degrades_with_its_reason() -> None:
 
 def test_arm_blocks_before_the_core_is_asked_and_the_first_pass_keeps_it() -> None:
     async def body() -> None:
-        engine, nft, core = make_with_core(FailurePolicy.CLOSED)
+        engine, nft, core = make_with_a_core(FailurePolicy.CLOSED)
         await engine.arm()  # before the loop runs: no core job, the table with its final drop
         assert nft.calls == ["replace"] and core.wants == []
         assert nft.table is not None and nft.table.lan_links == frozenset({"eth0"})
