@@ -19,8 +19,6 @@ from .bounded_read import Cancelled
 from .bus import service as bus_service
 from .config import DEFAULT_PATH, load_config
 from .control import Control
-from .core.supervisor import CoreSupervisor
-from .core.systemd import SystemdUnit
 from .engine import Engine, EngineStatus
 from .errors import ConfigError, TproxydError
 from .kernel.admission import FirewallAdmission
@@ -32,6 +30,8 @@ from .model import Config, FailurePolicy, NmFacts
 from .monitors.netlink import NetlinkMonitor
 from .monitors.networkmanager import NetworkManagerMonitor
 from .monitors.nft_events import NftDriftWatch
+from .proxycore.supervisor import CoreSupervisor
+from .proxycore.systemd import SystemdUnit
 from .rules.admission import INPUT_CHAINS
 from .rules.nft import TABLE
 from .rules.routing import build_routing

@@ -51,7 +51,7 @@ class FactsPort(Protocol):
 
 
 class CorePort(Protocol):
-    """The core supervisor (core/supervisor.py): `want` starts/stops it, `status` says if it is ready."""
+    """The core supervisor (proxycore/supervisor.py): `want` starts/stops it, `status` says if it is ready."""
 
     status: CoreStatus
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tproxy_service.config import load_config
-from tproxy_service.core.supervisor import render_checked
+from tproxy_service.proxycore.supervisor import render_checked
 
 from . import harness as h
 from .dnslab import POISONED, TRUTHFUL, ask, start_resolver, verdict

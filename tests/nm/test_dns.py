@@ -15,7 +15,7 @@ import pytest
 from tests.e2e.dnslab import POISONED, TRUTHFUL, ask, start_resolver
 from tests.e2e.harness import stop_process
 from tproxy_service.config import load_config
-from tproxy_service.core.supervisor import render_checked
+from tproxy_service.proxycore.supervisor import render_checked
 
 from . import harness as h
 

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from tproxy_service.config import parse_config
-from tproxy_service.core.supervisor import render_checked
-from tproxy_service.core.v2ray_config import build_core_config, locate, render
 from tproxy_service.errors import ConfigError
 from tproxy_service.model import TproxySettings
+from tproxy_service.proxycore.supervisor import render_checked
+from tproxy_service.proxycore.v2ray_config import build_core_config, locate, render
 
 V2RAY = Path("/usr/bin/v2ray")
 VMESS_OUT = {

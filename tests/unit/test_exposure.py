@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tproxy_service.core.exposure import open_proxy_warnings
+from tproxy_service.proxycore.exposure import open_proxy_warnings
 
 
 def config(*inbounds: dict[str, Any]) -> dict[str, Any]:

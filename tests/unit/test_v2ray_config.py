@@ -8,15 +8,15 @@ from typing import Any
 
 import pytest
 
-from tproxy_service.core.dns_route import DEFAULT_DNS, DNS_OUTBOUND_TAG, dns_warnings
-from tproxy_service.core.v2ray_config import (
+from tproxy_service.errors import ConfigError
+from tproxy_service.model import DnsHijack, TproxySettings
+from tproxy_service.proxycore.dns_route import DEFAULT_DNS, DNS_OUTBOUND_TAG, dns_warnings
+from tproxy_service.proxycore.v2ray_config import (
     INBOUND_TAGS,
     build_core_config,
     parse_user_config,
     render,
 )
-from tproxy_service.errors import ConfigError
-from tproxy_service.model import DnsHijack, TproxySettings
 
 S = TproxySettings()
 
