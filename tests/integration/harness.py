@@ -29,7 +29,8 @@ from tests import support
 from tests.support import wait_until as wait_until  # re-exported: the D-Bus tiers call h.wait_until
 from tests.tproxyd_config import write_config
 from tproxy_service.bus import names
-from tproxy_service.bus.call import method_call, plain
+from tproxy_service.bus.call import method_call
+from tproxy_service.bus.call import plain as plain  # re-exported: the nm harness and bench use it
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
