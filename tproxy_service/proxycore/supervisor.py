@@ -27,8 +27,13 @@ from .v2ray_config import build_core_config, inbound_tags, locate, parse_user_co
 log = logging.getLogger(__name__)
 CORE_CONFIG = "core.json"
 CORE_ENV = "core.env"
-READY_POLL = 0.02  # s between socket checks while the unit is active but not yet listening
-WATCH_POLL = 0.5  # s between socket checks of a ready core
+# Readiness is checked when the unit's state changes, then retried while the unit is active but
+# not listening yet: first after READY_POLL, the gap doubling up to READY_POLL_MAX, for at most
+# READY_PATIENCE (a core that never listens waits for its next state change). A ready core is
+# not polled: nothing wakes tproxyd while nothing changes.
+READY_POLL = 0.02
+READY_POLL_MAX = 1.0
+READY_PATIENCE = 60.0
 TEST_TIMEOUT = 20.0
 _CITED_LINE = re.compile(r"at line (\d+) char \d+")
 MAX_CORE_CONFIG_BYTES = 16 << 20
@@ -186,22 +191,26 @@ class CoreSupervisor:
         """Called by the systemd client for every property change of the unit."""
         ready = self.status.ready and unit.active_state == "active"
         self._set(active_state=unit.active_state, ready=ready)
-        self._ensure_poller()
+        self._ensure_poller()  # a restarted core (say) is checked afresh
 
     def _ensure_poller(self) -> None:
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll_readiness(), name="core-readiness")
 
     async def _poll_readiness(self) -> None:
-        """Watch the socket table: fast while the unit is active and not ready yet, slowly once
-        it is (a core can lose its sockets without exiting), not at all while it is down."""
+        """Check the socket table until the core listens (bounded, see READY_PATIENCE); stop
+        once it does or the unit is down. The next unit state change starts a new round."""
+        gap = READY_POLL
+        deadline = asyncio.get_running_loop().time() + READY_PATIENCE
         while True:
             if not self._wanted or self.status.active_state != "active":
                 if self.status.ready:
                     self._set(ready=False)
                 return
-            ready = await self._check_ready()
-            await asyncio.sleep(WATCH_POLL if ready else READY_POLL)
+            if await self._check_ready() or asyncio.get_running_loop().time() >= deadline:
+                return
+            await asyncio.sleep(gap)
+            gap = min(gap * 2, READY_POLL_MAX)
 
     async def _check_ready(self) -> bool:
         settings = self._config.tproxy
