@@ -8,16 +8,15 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from .netlink_wire import NLMSG_DONE, NLMSG_ERROR, NLMSGHDR, messages, parse_attrs
+
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST = 0x1
 NLM_F_DUMP = 0x300
-NLMSG_DONE = 3
-NLMSG_ERROR = 2
 TCP_LISTEN = 10
 INET_DIAG_SOCKOPT = 22
 SOCKOPT_TRANSPARENT = 0x20  # bit 5 of the first byte of struct inet_diag_sockopt
-_HDR = struct.Struct("=IHHII")
 # inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid (48 bytes)
 _REQ = struct.Struct("=BBBxI48x")
 # inet_diag_msg: family, state, timer, retrans, sport(be16), dport(be16), src[16], dst[16], if, cookie[2],
@@ -38,24 +37,19 @@ class BoundSocket:
 def _dump(family: int, protocol: int) -> list[BoundSocket]:
     states = 1 << TCP_LISTEN if protocol == socket.IPPROTO_TCP else 0xFFFFFFFF
     request = _REQ.pack(family, protocol, 0, states)
-    message = _HDR.pack(_HDR.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + request
+    message = NLMSGHDR.pack(NLMSGHDR.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
     found: list[BoundSocket] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as sock:
         sock.settimeout(2.0)
-        sock.send(message)
+        sock.send(message + request)
         while True:
-            buf = sock.recv(1 << 16)
-            offset = 0
-            while offset + _HDR.size <= len(buf):
-                length, kind, _flags, _seq, _pid = _HDR.unpack_from(buf, offset)
-                if kind == NLMSG_DONE:
+            for msg in messages(sock.recv(1 << 16)):
+                if msg.kind == NLMSG_DONE:
                     return found
-                if kind == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", buf, offset + _HDR.size)
-                    raise OSError(-code, "sock_diag dump failed")
-                if kind == SOCK_DIAG_BY_FAMILY:
-                    found.append(_parse(buf, offset + _HDR.size, offset + length, protocol))
-                offset += (length + 3) & ~3
+                if msg.kind == NLMSG_ERROR:
+                    raise OSError(msg.error_code(), "sock_diag dump failed")
+                if msg.kind == SOCK_DIAG_BY_FAMILY:
+                    found.append(_parse(msg.buf, msg.start, msg.end, protocol))
 
 
 def _parse(buf: bytes, start: int, end: int, protocol: int) -> BoundSocket:
@@ -63,15 +57,8 @@ def _parse(buf: bytes, start: int, end: int, protocol: int) -> BoundSocket:
     sport = struct.unpack_from("!H", buf, start + 4)[0]
     src = buf[start + 8 : start + 24]
     uid, inode = struct.unpack_from("=II", buf, start + 64)
-    transparent = False
-    attr = start + 72
-    while attr + 4 <= end:
-        alen, atype = struct.unpack_from("=HH", buf, attr)
-        if alen < 4:
-            break
-        if atype & 0x3FFF == INET_DIAG_SOCKOPT and alen >= 5:
-            transparent = bool(buf[attr + 4] & SOCKOPT_TRANSPARENT)
-        attr += (alen + 3) & ~3
+    sockopt = parse_attrs(buf, start + 72, end).get(INET_DIAG_SOCKOPT, b"")
+    transparent = bool(sockopt) and bool(sockopt[0] & SOCKOPT_TRANSPARENT)
     fam = 4 if family == socket.AF_INET else 6
     address = socket.inet_ntop(family, src[:4] if fam == 4 else src)
     return BoundSocket("tcp" if protocol == socket.IPPROTO_TCP else "udp", fam, address, sport, transparent, uid, inode)

@@ -18,7 +18,8 @@ import socket
 import struct
 from collections.abc import Callable, Mapping
 
-from ..kernel.nft_netlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO, NFPROTO_INET, parse_attrs
+from ..kernel.netlink_wire import messages, parse_attrs
+from ..kernel.nft_netlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO, NFPROTO_INET
 
 log = logging.getLogger(__name__)
 NFNLGRP_NFTABLES = 7
@@ -27,7 +28,6 @@ NETLINK_ADD_MEMBERSHIP = 1
 NFT_MSG_NEWGEN = 15
 NFTA_GEN_PROC_PID = 2
 NFTA_TABLE_NAME_ATTR = 1  # the table name is attribute 1 in table/chain/rule/set/element messages
-_HDR = struct.Struct("=IHHII")
 RCVBUF = 8 << 20
 
 
@@ -118,21 +118,17 @@ class NftDriftWatch:
             self._parse(buf)
 
     def _parse(self, buf: bytes) -> None:
-        offset = 0
-        while offset + _HDR.size + 4 <= len(buf):
-            length, msg_type, _flags, _seq, portid = _HDR.unpack_from(buf, offset)
-            if length < _HDR.size:
-                return
-            if msg_type >> 8 == NFNL_SUBSYS_NFTABLES:
-                family = buf[offset + _HDR.size]
-                attrs = parse_attrs(buf, offset + _HDR.size + 4, offset + length)
-                if msg_type & 0xFF == NFT_MSG_NEWGEN:
-                    pid_raw = attrs.get(NFTA_GEN_PROC_PID)
-                    pid = struct.unpack("!I", pid_raw)[0] if pid_raw and len(pid_raw) == 4 else 0
-                    if self._touched and not self._from_us(portid):
-                        for key in self._touched:
-                            self._callbacks[key](f"table changed by pid {pid}")
-                    self._touched = set()
-                elif (key := (family, attrs.get(NFTA_TABLE_NAME_ATTR, b""))) in self._callbacks:
-                    self._touched.add(key)
-            offset += (length + 3) & ~3
+        for msg in messages(buf):
+            if msg.kind >> 8 != NFNL_SUBSYS_NFTABLES or msg.start + 4 > msg.end:
+                continue
+            family = buf[msg.start]
+            attrs = parse_attrs(buf, msg.start + 4, msg.end)
+            if msg.kind & 0xFF == NFT_MSG_NEWGEN:
+                pid_raw = attrs.get(NFTA_GEN_PROC_PID)
+                pid = struct.unpack("!I", pid_raw)[0] if pid_raw and len(pid_raw) == 4 else 0
+                if self._touched and not self._from_us(msg.portid):
+                    for key in self._touched:
+                        self._callbacks[key](f"table changed by pid {pid}")
+                self._touched = set()
+            elif (key := (family, attrs.get(NFTA_TABLE_NAME_ATTR, b""))) in self._callbacks:
+                self._touched.add(key)
