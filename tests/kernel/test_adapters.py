@@ -19,7 +19,7 @@ from tproxy_service.kernel.nft_netlink import SetElementWriter, table_exists
 from tproxy_service.kernel.routing import RoutingAdapter
 from tproxy_service.model import AddressSet, RouteSpec, RuleSpec, TproxySettings
 from tproxy_service.monitors.nft_events import NftDriftWatch
-from tproxy_service.rules.nft import IfnameChange, IntervalChange
+from tproxy_service.rules.nft import IfnameChange, IntervalChange, build_replace, link_elements
 from tproxy_service.rules.routing import build_routing
 
 from ..support import wait_until
@@ -262,6 +262,75 @@ def test_replace_takes_interface_names_literally() -> None:
                 udp.sendto(b"probe", ("192.0.2.7", 9))
                 wait_until(lambda n=attempt: _udp_packets_arriving("tpk-b") == n, 5, "the probe to arrive direct")
         assert "packets 0 " in sh("nft list chain inet tproxyd proxy"), "nothing was diverted and dropped"
+        adapter.close()
+
+    run_in_netns(body)
+
+
+def _listing_of_builder_json(state: object) -> str:
+    """What `nft` makes of the rule builder's JSON (libnftables), the links added over netlink."""
+    import nftables  # the reference: libnftables itself
+
+    rc, _out, error = nftables.Nftables().json_cmd(build_replace(state))  # type: ignore[arg-type]
+    assert rc == 0, error
+    writer = SetElementWriter("tproxyd")
+    writer.apply(link_elements(state))  # type: ignore[arg-type]
+    writer.close()
+    listed = sh("nft list table inet tproxyd")
+    sh("nft delete table inet tproxyd")
+    return listed
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_netlink_replace_builds_what_libnftables_builds_from_the_json(name: str) -> None:
+    """The netlink batch is a translation of the builder's JSON: `nft` lists both the same,
+    for a fresh table and for a replace of an existing one."""
+
+    def body() -> None:
+        expected = _listing_of_builder_json(SCENARIOS[name])
+        adapter = NftablesAdapter()
+        for _ in range(2):
+            asyncio.run(adapter.replace(SCENARIOS[name]))
+            assert sh("nft list table inet tproxyd") == expected
+        adapter.close()
+
+    run_in_netns(body)
+
+
+def test_replace_and_delete_need_no_libnftables() -> None:
+    def body() -> None:
+        import sys
+
+        sys.modules["nftables"] = None  # type: ignore[assignment]  # importing it now fails
+        adapter = NftablesAdapter()
+        asyncio.run(adapter.replace(SCENARIOS["default"]))
+        assert "tproxy ip to 127.0.0.1" in sh("nft list table inet tproxyd")
+        asyncio.run(adapter.delete())
+        assert sh("nft list tables") == ""
+        adapter.close()
+
+    run_in_netns(body)
+
+
+def test_a_failing_replace_changes_nothing() -> None:
+    """Skeleton, bypass sets and link elements go in one kernel transaction: when any part is
+    refused (here a link name longer than the kernel's IFNAMSIZ), the kernel rolls all of it
+    back and the table stays exactly as it was."""
+
+    def body() -> None:
+        adapter = NftablesAdapter()
+        asyncio.run(adapter.replace(SCENARIOS["default"]))
+        before = sh("nft list table inet tproxyd")
+        broken = dataclasses.replace(
+            SCENARIOS["closed_policy"],
+            bypass=parse_cidrs(["198.18.0.0/15"], "t"),
+            lan_links=frozenset({"x" * 17}),
+        )
+        with pytest.raises(KernelError, match="Invalid argument"):
+            asyncio.run(adapter.replace(broken))
+        assert sh("nft list table inet tproxyd") == before
+        asyncio.run(adapter.replace(SCENARIOS["closed_policy"]))  # and the next one works
+        assert "postrouting" in sh("nft list table inet tproxyd")
         adapter.close()
 
     run_in_netns(body)
