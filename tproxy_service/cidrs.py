@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import operator
 import socket
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-from .bounded_read import read_lines
+from .bounded_read import read_bytes, read_lines
 from .errors import ConfigError
-from .model import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_FILE_LINES, AddressSet, Interval
+from .model import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_FILE_LINES, AddressSet, Interval, PackedIntervals
 
 BITS = {4: 32, 6: 128}
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
-def parse_cidr(text: str) -> tuple[int, Interval]:
-    """'198.51.100.0/24', '2001:db8::/32' or a bare address -> (family, interval).
-
-    Host bits after the prefix are ignored (198.51.100.7/24 means 198.51.100.0/24), as `nft` does.
-    Raises ValueError with a short reason."""
+def _bounds(text: str) -> tuple[int, int, int]:
+    """(family, first, last) of a CIDR or bare address; raises ValueError with a short reason."""
     addr, slash, plen_text = text.strip().partition("/")
     family = 6 if ":" in addr else 4
     try:
@@ -35,30 +35,68 @@ def parse_cidr(text: str) -> tuple[int, Interval]:
         plen = bits
     host_bits = bits - plen
     first = (int.from_bytes(packed, "big") >> host_bits) << host_bits
-    return family, Interval(first, first + (1 << host_bits) - 1)
+    return family, first, first + (1 << host_bits) - 1
+
+
+def parse_cidr(text: str) -> tuple[int, Interval]:
+    """'198.51.100.0/24', '2001:db8::/32' or a bare address -> (family, interval).
+
+    Host bits after the prefix are ignored (198.51.100.7/24 means 198.51.100.0/24), as `nft` does.
+    Raises ValueError with a short reason."""
+    family, first, last = _bounds(text)
+    return family, Interval(first, last)
+
+
+def _merged(bounds: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sort and merge overlapping and adjacent (first, last) pairs, in place of objects."""
+    bounds.sort()
+    merged: list[tuple[int, int]] = []
+    for first, last in bounds:
+        if merged and first <= merged[-1][1] + 1:
+            if last > merged[-1][1]:
+                merged[-1] = (merged[-1][0], last)
+        else:
+            merged.append((first, last))
+    return merged
+
+
+def _packed(family: int, bounds: list[tuple[int, int]]) -> PackedIntervals:
+    width = BITS[family] // 8
+    return PackedIntervals(width, b"".join(f.to_bytes(width) + last.to_bytes(width) for f, last in _merged(bounds)))
 
 
 def merge(intervals: Iterable[Interval]) -> tuple[Interval, ...]:
     """Sort and merge overlapping and adjacent intervals (nft rejects overlaps in one set)."""
-    merged: list[Interval] = []
-    for iv in sorted(intervals):
-        if merged and iv.first <= merged[-1].last + 1:
-            if iv.last > merged[-1].last:
-                merged[-1] = Interval(merged[-1].first, iv.last)
-        else:
-            merged.append(iv)
-    return tuple(merged)
+    return tuple(Interval(f, last) for f, last in _merged([(iv.first, iv.last) for iv in intervals]))
+
+
+def _pairs(intervals: Iterable[Interval]) -> list[tuple[int, int]]:
+    if isinstance(intervals, PackedIntervals):
+        return list(intervals.bounds())
+    return [(iv.first, iv.last) for iv in intervals]
 
 
 def address_set(v4: Iterable[Interval] = (), v6: Iterable[Interval] = ()) -> AddressSet:
-    return AddressSet(v4=merge(v4), v6=merge(v6))
+    return AddressSet(v4=_packed(4, _pairs(v4)), v6=_packed(6, _pairs(v6)))
+
+
+_last_union: tuple[tuple[AddressSet, ...], AddressSet] | None = None
 
 
 def union(*sets: AddressSet) -> AddressSet:
-    return address_set(
-        [iv for s in sets for iv in s.v4],
-        [iv for s in sets for iv in s.v6],
-    )
+    """The merged union. The same input objects give the same result object (the adapter keeps
+    the encoded bypass set for one object), and a single non-empty input is returned as is."""
+    global _last_union
+    nonempty = tuple(s for s in sets if s.v4 or s.v6)
+    if len(nonempty) == 1:
+        return nonempty[0]
+    last = _last_union
+    if last is not None and len(last[0]) == len(nonempty) and all(map(operator.is_, last[0], nonempty)):
+        return last[1]
+    v4 = [b for s in nonempty for b in _pairs(s.v4)]
+    result = AddressSet(_packed(4, v4), _packed(6, [b for s in nonempty for b in _pairs(s.v6)]))
+    _last_union = (nonempty, result)
+    return result
 
 
 def parse_cidrs(texts: Iterable[str], where: str) -> AddressSet:
@@ -76,18 +114,17 @@ def parse_cidrs(texts: Iterable[str], where: str) -> AddressSet:
 
 def parse_cidr_lines(lines: Iterable[str], source: str) -> AddressSet:
     """One CIDR per line; '#' starts a comment; blank lines ignored. Errors name `source:line`."""
-    v4: list[Interval] = []
-    v6: list[Interval] = []
+    found: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
     for lineno, raw in enumerate(lines, 1):
-        text = raw.split("#", 1)[0].strip()
+        text = raw.split("#", 1)[0].strip() if "#" in raw else raw.strip()
         if not text:
             continue
         try:
-            family, iv = parse_cidr(text)
+            family, first, last = _bounds(text)
         except ValueError as e:
             raise ConfigError(f"{source}:{lineno}: {e}") from None
-        (v4 if family == 4 else v6).append(iv)
-    return address_set(v4, v6)
+        found[family].append((first, last))
+    return AddressSet(_packed(4, found[4]), _packed(6, found[6]))
 
 
 def load_cidr_file(
@@ -100,6 +137,50 @@ def load_cidr_file(
     `cancel` is set."""
     lines = read_lines(path, max_bytes, max_lines, "CIDR list file", "[bypass]", cancel)
     return parse_cidr_lines(lines, str(path))
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    stat: tuple[int, ...]
+    digest: bytes
+    addresses: AddressSet
+
+
+_loaded: dict[Path, _Loaded] = {}
+_LOADED_MAX = 16
+
+
+def _stat_key(path: Path) -> tuple[int, ...]:
+    st = path.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def load_cidr_file_cached(
+    path: Path,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_lines: int = DEFAULT_MAX_FILE_LINES,
+    cancel: threading.Event | None = None,
+) -> AddressSet:
+    """`load_cidr_file`, skipped when the file did not change since the last load under the same
+    limits: the same inode, size and times, or else the same content hash (read within the same
+    bounds). Returns the same AddressSet object then, so nothing downstream is rebuilt either."""
+    try:
+        stat = (*_stat_key(path), max_bytes, max_lines)
+    except OSError:
+        return load_cidr_file(path, max_bytes, max_lines, cancel)  # says why, as an uncached load would
+    known = _loaded.get(path)
+    if known is not None and known.stat == stat:
+        return known.addresses
+    digest = hashlib.sha256(read_bytes(path, max_bytes, "CIDR list file", "[bypass] max_file_bytes")).digest()
+    unchanged = known is not None and known.digest == digest and known.stat[-2:] == stat[-2:]
+    addresses = (
+        known.addresses if known is not None and unchanged else load_cidr_file(path, max_bytes, max_lines, cancel)
+    )
+    _loaded.pop(path, None)
+    while len(_loaded) >= _LOADED_MAX:
+        _loaded.pop(next(iter(_loaded)))
+    _loaded[path] = _Loaded(stat, digest, addresses)
+    return addresses
 
 
 def to_address(family: int, value: int) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .bounded_read import read_text
-from .cidrs import load_cidr_file, parse_cidrs, union
+from .cidrs import load_cidr_file_cached, parse_cidrs, union
 from .errors import ConfigError, InvalidArgument
 from .ifname import parse_link
 from .model import (
@@ -304,7 +304,7 @@ def parse_config(
     max_bytes = bypass_t.get("max_file_bytes", DEFAULT_MAX_FILE_BYTES)
     max_lines = bypass_t.get("max_file_lines", DEFAULT_MAX_FILE_LINES)
     try:
-        lists = [load_cidr_file(f, max_bytes, max_lines, cancel) for f in files]
+        lists = [load_cidr_file_cached(f, max_bytes, max_lines, cancel) for f in files]
     except ConfigError as e:  # a missing, bad or oversized list: which key of which config brought it in
         raise src.error("bypass", "files", str(e)) from None
     user_bypass: AddressSet = union(user_cidrs, *lists)

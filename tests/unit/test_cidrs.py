@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from tproxy_service import cidrs
 from tproxy_service.bounded_read import Cancelled
 from tproxy_service.cidrs import load_cidr_file, merge, parse_cidr, parse_cidr_lines
 from tproxy_service.errors import ConfigError
-from tproxy_service.model import DEFAULT_MAX_FILE_BYTES, Interval
+from tproxy_service.model import DEFAULT_MAX_FILE_BYTES, AddressSet, Interval, PackedIntervals
 
 
 def test_parse_cidr_normalizes_host_bits_and_bare_addresses() -> None:
@@ -103,3 +104,42 @@ def test_a_set_cancel_flag_abandons_the_parse(tmp_path: Path) -> None:
     cancel.set()
     with pytest.raises(Cancelled):
         load_cidr_file(path, cancel=cancel)
+
+
+def test_address_sets_keep_intervals_packed() -> None:
+    s = cidrs.parse_cidrs(["10.0.0.0/8", "192.0.2.7", "2001:db8::/32"], "t")
+    assert isinstance(s.v4, PackedIntervals) and isinstance(s.v6, PackedIntervals)
+    assert len(s.v4.data) == 2 * 8 and len(s.v6.data) == 32  # (first, last) per interval, nothing else
+    assert list(s.v4) == [Interval(0x0A000000, 0x0AFFFFFF), Interval(0xC0000207, 0xC0000207)]
+    assert s.v4 == (Interval(0x0A000000, 0x0AFFFFFF), Interval(0xC0000207, 0xC0000207))  # compares as a sequence
+    assert s.v4[-1] == Interval(0xC0000207, 0xC0000207) and s.v6[0].first == 0x20010DB8 << 96
+    assert AddressSet(v4=(Interval(1, 2),)) == AddressSet(v4=PackedIntervals.pack(4, [Interval(1, 2)]))
+
+
+def test_union_reuses_results_for_the_same_inputs() -> None:
+    a = cidrs.parse_cidrs(["10.0.0.0/8"], "t")
+    b = cidrs.parse_cidrs(["11.0.0.0/8"], "t")
+    assert cidrs.union(a, AddressSet()) is a  # one non-empty input: nothing to merge
+    first = cidrs.union(a, b)
+    assert list(first.v4) == [Interval(0x0A000000, 0x0BFFFFFF)]
+    assert cidrs.union(a, b) is first  # the adapter keeps encoded bytes for this very object
+
+
+def test_an_unchanged_list_file_is_not_parsed_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "list.txt"
+    path.write_text("10.0.0.0/8\n")
+    first = cidrs.load_cidr_file_cached(path)
+    parses: list[Path] = []
+    real = cidrs.load_cidr_file
+    monkeypatch.setattr(cidrs, "load_cidr_file", lambda p, *limits: parses.append(p) or real(p, *limits))
+    assert cidrs.load_cidr_file_cached(path) is first and parses == []  # same inode, size, times
+    os.utime(path, ns=(1, 1))
+    assert cidrs.load_cidr_file_cached(path) is first and parses == []  # touched, same content
+    path.write_text("11.0.0.0/8\n")
+    changed = cidrs.load_cidr_file_cached(path)
+    assert parses == [path] and list(changed.v4) == [Interval(0x0B000000, 0x0BFFFFFF)]
+    with pytest.raises(ConfigError, match="larger than 4 bytes"):  # the cache never skips the limits
+        cidrs.load_cidr_file_cached(path, max_bytes=4)
+    path.unlink()
+    with pytest.raises(ConfigError, match="cannot read CIDR list file"):
+        cidrs.load_cidr_file_cached(path)

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..cidrs import BITS
-from ..model import Interval
+from ..model import Interval, PackedIntervals
 from .netlink_wire import attr, attr_str, attr_u32, nested
 
 NFT_MSG_NEWTABLE = 0
@@ -129,14 +129,18 @@ def interval_elements(family: int, intervals: Iterable[Interval], leading_end: b
     INTERVAL_END at 0 when the first range does not start there, as `nft` adds."""
     size = BITS[family] // 8
     top = 1 << BITS[family]
+    # Every element of a family differs only in its key: the attribute headers are made once.
+    start_head = _element(bytes(size))[:-size]
+    end_head = _element(bytes(size), NFT_SET_ELEM_INTERVAL_END)[:-size]
+    bounds = intervals.bounds() if isinstance(intervals, PackedIntervals) else ((i.first, i.last) for i in intervals)
     started = not leading_end
-    for iv in intervals:
-        if not started and iv.first != 0:
-            yield _element(bytes(size), NFT_SET_ELEM_INTERVAL_END)
+    for first, last in bounds:
+        if not started and first != 0:
+            yield end_head + bytes(size)
         started = True
-        yield _element(iv.first.to_bytes(size, "big"))
-        if iv.last + 1 < top:
-            yield _element((iv.last + 1).to_bytes(size, "big"), NFT_SET_ELEM_INTERVAL_END)
+        yield start_head + first.to_bytes(size)
+        if last + 1 < top:
+            yield end_head + (last + 1).to_bytes(size)
 
 
 MAX_ELEMENTS_BYTES = 60_000  # a nested attribute's length is 16 bits: elements go in chunks

@@ -21,6 +21,7 @@ Everything lives in one table, `inet tproxyd`. Chains:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -270,7 +271,7 @@ def _guard_rules(s: TproxySettings) -> list[Json]:
     return rules
 
 
-def encode_intervals(family: int, intervals: tuple[Interval, ...]) -> list[Any]:
+def encode_intervals(family: int, intervals: Sequence[Interval]) -> list[Any]:
     return [interval_element(family, iv) for iv in intervals]
 
 
@@ -374,7 +375,7 @@ def _ifname_change(name: str, old: frozenset[str], new: frozenset[str]) -> list[
     return [IfnameChange(name, tuple(sorted(new - old)), tuple(sorted(old - new)))]
 
 
-def _interval_change(name: str, family: int, old: tuple[Interval, ...], new: tuple[Interval, ...]) -> list[SetChange]:
+def _interval_change(name: str, family: int, old: Sequence[Interval], new: Sequence[Interval]) -> list[SetChange]:
     old_set, new_set = set(old), set(new)
     if old_set == new_set:
         return []
