@@ -114,13 +114,16 @@ class Daemon:
         self._ready_line = ""
         self._reader: threading.Thread | None = None
 
+    def command(self) -> list[str]:
+        return [TPROXYD, "--config", str(self.config)]
+
     def start(self) -> float:
         """Start and wait for `tproxyd ready`; returns the seconds it took."""
         start = time.perf_counter()
         # A bus address that cannot exist: a benchmark daemon must never own the real bus name.
         env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": f"unix:path={self.config.parent}/no-such-bus"}
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, TPROXYD, "--config", str(self.config)],
+            ["ip", "netns", "exec", self.ns, *self.command()],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

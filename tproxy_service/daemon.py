@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from . import __version__
+from . import __version__, heap
 from .bounded_read import Cancelled
 from .bus import service as bus_service
 from .config import DEFAULT_PATH, load_config
@@ -263,6 +263,7 @@ async def release(config: Config) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
+    heap.keep_large_blocks_mapped()
     try:
         config = load_config(args.config)
     except ConfigError as e:

@@ -1,0 +1,220 @@
+"""Footprint: tproxyd's memory, start to ready, Reloads and idle wake-ups with big bypass lists.
+
+For each variant of the code (`ours` = this tree; `--baseline DIR` = the tproxy_service package
+under DIR, e.g. `git archive main tproxy_service | tar -x -C DIR`), interleaved in one run, and
+for each list size (IPv4 /24s + 2k IPv6 /48s; 0 = no list), in a fresh namespace with one lan
+link (a veth), unsupervised core:
+  * start to ready: process start -> the `tproxyd ready` log line;
+  * RSS and USS (private pages, /proc/PID/smaps_rollup) settled 2 s after ready;
+  * Reload (SIGHUP) of an unchanged list: -> the `config reloaded` line;
+  * 3 Reloads of a changed list (another random list each): -> one of its new entries is in the
+    kernel's bypass set (a GETSETELEM lookup every 2 ms from a process in the namespace);
+    RSS/USS after them;
+  * idle: context switches of all its threads over `--idle` seconds (largest size only).
+Writes the raw samples as JSON (`--json`, default bench/results/footprint.json); `bench/render.py`
+turns them into BENCHMARKS.md's tables.
+
+Run as root: .venv/bin/python bench/footprint.py --baseline /tmp/base [--repeat 3] [--sizes 0,10000,100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchlib import (
+    NS_PREFIX,
+    PYTHON,
+    ROOT,
+    SEED,
+    TPROXYD,
+    Daemon,
+    Report,
+    bench_main,
+    bypass_lines,
+    in_ns,
+    log,
+    netns,
+    random_v4_cidrs,
+    write_config,
+)
+
+RESULTS = ROOT / "bench" / "results" / "footprint.json"
+# The baseline's package, found before this tree's (an editable install puts its finder first).
+_BASELINE_LAUNCHER = (
+    "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in str(f)]; "
+    "sys.path.insert(0, sys.argv.pop(1)); from tproxy_service.daemon import main; sys.exit(main())"
+)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", type=Path, help="directory holding the baseline's tproxy_service package")
+    parser.add_argument("--sizes", default="0,10000,100000", help="IPv4 /24 counts (default 0,10000,100000)")
+    parser.add_argument("--v6", type=int, default=2000, help="IPv6 /48s with a list (default 2000)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per variant and size (default 3)")
+    parser.add_argument("--reloads", type=int, default=3, help="changed-list Reloads per run (default 3)")
+    parser.add_argument("--idle", type=float, default=60.0, help="idle window in seconds (default 60)")
+    parser.add_argument("--json", type=Path, default=RESULTS, help=f"raw results (default {RESULTS})")
+    return parser.parse_args(argv)
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+
+    def field(text: str, name: str) -> int:
+        match = re.search(rf"^{name}:\s+(\d+) kB", text, re.M)
+        return int(match.group(1)) if match else 0
+
+    uss = field(rollup, "Private_Clean") + field(rollup, "Private_Dirty")
+    return {"rss": field(status, "VmRSS"), "uss": uss}
+
+
+def context_switches(pid: int) -> int:
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "status").read_text()
+        total += sum(int(n) for n in re.findall(r"^(?:non)?voluntary_ctxt_switches:\s+(\d+)", text, re.M))
+    return total
+
+
+def write_list(path: Path, v4: int, v6: int, seed_offset: int) -> str | None:
+    """The list file; returns one of its IPv4 entries' first address (a probe), None when empty."""
+    if v4 == 0:
+        path.write_text("# empty\n")
+        return None
+    lines = bypass_lines(v4, v6) if seed_offset == 0 else [*random_v4_cidrs(v4, SEED + seed_offset), ""]
+    path.write_text("\n".join(lines) + "\n")
+    return next(line for line in lines if line and not line.startswith("#") and ":" not in line).split("/")[0]
+
+
+def wait_for(condition: Any, timeout: float, what: str, every: float = 0.005) -> float:
+    start = time.perf_counter()
+    while not condition():
+        if time.perf_counter() - start > timeout:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(every)
+    return time.perf_counter() - start
+
+
+def probe_main(address: str) -> int:
+    """Inside the namespace: say `ready`, then poll nf_tables for `address` as an element of the
+    bypass set (one GETSETELEM: a kernel lookup, whatever the set holds) until it is there."""
+    import socket
+
+    from tproxy_service.kernel.netlink_wire import NLMSG_ERROR, attr, messages, nested
+    from tproxy_service.kernel.nft_netlink import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, _message
+
+    key = nested(1, nested(1, attr(1, socket.inet_aton(address))))  # LIST_ELEM { KEY { VALUE } }
+    payload = attr(1, b"tproxyd\0") + attr(2, b"bypass4\0") + nested(3, key)
+    request = _message((NFNL_SUBSYS_NFTABLES << 8) | 13, 0x1 | 0x4, 1, 1, 0, payload)  # GETSETELEM
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as sock:
+        sock.bind((0, 0))
+        print("ready", flush=True)
+        while True:
+            sock.send(request)
+            found = True
+            for msg in messages(sock.recv(65536)):
+                if msg.kind == NLMSG_ERROR and msg.error_code():
+                    found = False
+            if found:
+                print("found", flush=True)
+                return 0
+            time.sleep(0.002)
+
+
+class Variant(Daemon):
+    def __init__(self, ns: str, config: Path, baseline: Path | None) -> None:
+        super().__init__(ns, config)
+        self.baseline = baseline
+
+    def command(self) -> list[str]:
+        if self.baseline is None:
+            return [TPROXYD, "--config", str(self.config)]
+        return [PYTHON, "-c", _BASELINE_LAUNCHER, str(self.baseline), "--config", str(self.config)]
+
+
+def one_run(
+    ns: str, tmp: Path, variant: str, baseline: Path | None, v4: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    in_ns(ns, "ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan0p")
+    in_ns(ns, "ip", "link", "set", "lan0", "up")
+    lists = tmp / "bypass.txt"
+    write_list(lists, v4, args.v6 if v4 else 0, 0)
+    config = tmp / "tproxyd.toml"
+    write_config(config, lists, {"lan0": "lan"})
+    daemon = Variant(ns, config, baseline)
+    out: dict[str, Any] = {"variant": variant, "v4": v4}
+    try:
+        out["ready_s"] = daemon.start()
+        assert daemon.proc is not None
+        pid = daemon.proc.pid
+        time.sleep(2.0)  # settle: what the daemon keeps, not what it passed through
+        out["settled"] = memory_kb(pid)
+        reloaded = sum("config reloaded" in line for line in daemon.stderr_lines)
+        start = time.perf_counter()
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: sum("config reloaded" in x for x in daemon.stderr_lines) > reloaded, 60, "the reload")
+        out["reload_unchanged_s"] = time.perf_counter() - start
+        out["reload_changed_s"] = []
+        for i in range(1, args.reloads + 1 if v4 else 1):
+            probe = write_list(lists, v4, 0, i)
+
+            assert probe is not None
+            argv = ["ip", "netns", "exec", ns, PYTHON, __file__, "--probe", probe]
+            with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as poller:
+                assert poller.stdout is not None
+                assert poller.stdout.readline().strip() == "ready"
+                start = time.perf_counter()
+                daemon.proc.send_signal(signal.SIGHUP)
+                assert poller.stdout.readline().strip() == "found"
+                out["reload_changed_s"].append(time.perf_counter() - start)
+        time.sleep(2.0)
+        out["after_reloads"] = memory_kb(pid)
+        if v4 == max(int(s) for s in args.sizes.split(",")) and args.idle > 0:
+            before = context_switches(pid)
+            time.sleep(args.idle)
+            out["idle_switches"] = context_switches(pid) - before
+            out["idle_s"] = args.idle
+    finally:
+        daemon.stop()
+    return out
+
+
+def run(args: argparse.Namespace) -> Report:
+    variants: list[tuple[str, Path | None]] = [("ours", None)]
+    if args.baseline:
+        variants.append(("baseline", args.baseline.resolve()))
+    samples: list[dict[str, Any]] = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        for i in range(args.repeat):
+            order = variants if i % 2 == 0 else variants[::-1]
+            for name, base in order:
+                log(f"footprint: {name}, {size} IPv4, run {i + 1}/{args.repeat}")
+                with netns(f"fp{size}") as ns, tempfile.TemporaryDirectory(prefix=NS_PREFIX) as tmp:
+                    samples.append(one_run(ns, Path(tmp), name, base, size, args))
+    result = {"benchmark": "footprint", "v6": args.v6, "reloads": args.reloads, "samples": samples}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    log(f"footprint: raw results in {args.json}")
+    return Report("Footprint", f"raw results: {args.json}")
+
+
+def main(argv: Sequence[str]) -> int:
+    if argv[:1] == ["--probe"]:
+        return probe_main(argv[1])
+    return bench_main(argv, parse_args, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
