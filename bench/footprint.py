@@ -10,7 +10,7 @@ link (a veth), unsupervised core:
   * 3 Reloads of a changed list (another random list each): -> one of its new entries is in the
     kernel's bypass set (a GETSETELEM lookup every 2 ms from a process in the namespace);
     RSS/USS after them;
-  * idle: context switches of all its threads over `--idle` seconds (largest size only).
+  * idle: context switches of all its threads over `--idle` seconds (largest size, first run).
 Writes the raw samples as JSON (`--json`, default bench/results/footprint.json); `bench/render.py`
 turns them into BENCHMARKS.md's tables.
 
@@ -145,7 +145,7 @@ class Variant(Daemon):
 
 
 def one_run(
-    ns: str, tmp: Path, variant: str, baseline: Path | None, v4: int, args: argparse.Namespace
+    ns: str, tmp: Path, variant: str, baseline: Path | None, v4: int, idle: float, args: argparse.Namespace
 ) -> dict[str, Any]:
     in_ns(ns, "ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan0p")
     in_ns(ns, "ip", "link", "set", "lan0", "up")
@@ -181,11 +181,11 @@ def one_run(
                 out["reload_changed_s"].append(time.perf_counter() - start)
         time.sleep(2.0)
         out["after_reloads"] = memory_kb(pid)
-        if v4 == max(int(s) for s in args.sizes.split(",")) and args.idle > 0:
+        if idle > 0:
             before = context_switches(pid)
-            time.sleep(args.idle)
+            time.sleep(idle)
             out["idle_switches"] = context_switches(pid) - before
-            out["idle_s"] = args.idle
+            out["idle_s"] = idle
     finally:
         daemon.stop()
     return out
@@ -196,13 +196,15 @@ def run(args: argparse.Namespace) -> Report:
     if args.baseline:
         variants.append(("baseline", args.baseline.resolve()))
     samples: list[dict[str, Any]] = []
-    for size in (int(s) for s in args.sizes.split(",")):
+    sizes = [int(s) for s in args.sizes.split(",")]
+    for size in sizes:
         for i in range(args.repeat):
+            idle = args.idle if size == max(sizes) and i == 0 else 0.0
             order = variants if i % 2 == 0 else variants[::-1]
             for name, base in order:
                 log(f"footprint: {name}, {size} IPv4, run {i + 1}/{args.repeat}")
                 with netns(f"fp{size}") as ns, tempfile.TemporaryDirectory(prefix=NS_PREFIX) as tmp:
-                    samples.append(one_run(ns, Path(tmp), name, base, size, args))
+                    samples.append(one_run(ns, Path(tmp), name, base, size, idle, args))
     result = {"benchmark": "footprint", "v6": args.v6, "reloads": args.reloads, "samples": samples}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")

@@ -3,9 +3,11 @@
 For 10k and 100k random IPv4 /24s (+ 2k IPv6 /48s) as a bypass list file, in a fresh namespace
 per size:
   * parse: `load_cidr_file` of the list (what the daemon does at start and on reload);
-  * build: `build_replace(state)` (the JSON document; `replace` does this too, so it is
-    included in the replace times below);
-  * replace: `NftablesAdapter.replace(state)` from an already built NftState;
+  * build: `build_replace(state)` with the elements as JSON (what libnftables would be fed);
+  * replace: `NftablesAdapter.replace(state)` from an already built NftState (one nf_tables
+    netlink batch: the builder's JSON skeleton translated, the elements encoded from the packed
+    intervals);
+  * libnftables, pre-encoded JSON: the same replace through libnftables (the former path);
   * baseline: `nft -f FILE` where FILE is `nft list table inet tproxyd` taken after our replace,
     preceded by `table inet tproxyd` / `delete table inet tproxyd`, so it is the same atomic
     replace of the same table (its re-listing is checked to be identical to ours).
@@ -30,21 +32,20 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import (
+    ROOT,
     Goal,
     Report,
     bench_main,
     bench_state,
     bypass_lines,
     log,
-    ms,
     netns,
-    ratio,
     run_worker,
-    summarize,
-    table,
 )
+from render import full_apply as render_full_apply
 
-GOAL = 1.2
+RESULTS = ROOT / "bench" / "results" / "full_apply.json"
+GOAL = 0.5
 BORDER = 0.05  # within this of the goal, explain where the time goes too
 TABLE_CMD = "inet tproxyd"
 LIB_ONLY = "libnftables, pre-encoded JSON"
@@ -62,6 +63,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--sizes", default="10000,100000", help="IPv4 /24 counts, comma separated (default 10000,100000)"
     )
     parser.add_argument("--v6", type=int, default=2000, help="IPv6 /48 count (default 2000)")
+    parser.add_argument("--json", type=Path, default=RESULTS, help=f"raw results (default {RESULTS})")
     return parser.parse_args(argv)
 
 
@@ -159,83 +161,15 @@ def run(args: argparse.Namespace) -> Report:
         with netns(f"apply{size}") as ns:
             repeat = args.repeat if size >= 50_000 else args.repeat_small
             results.append(run_worker(ns, __file__, {"v4": size, "v6": args.v6, "repeat": repeat}))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"benchmark": "full_apply", "results": results}, indent=1) + "\n")
     return render(results)
 
 
 def render(results: list[dict[str, Any]]) -> Report:
-    rows: list[list[str]] = []
-    prep: list[list[str]] = []
-    goals: list[Goal] = []
-    notes: list[str] = []
-    for r in results:
-        label = f"{r['v4']:,} v4 + {r['v6']:,} v6"
-        elements = f"{r['elements4']:,} + {r['elements6']:,}"
-        for mode in MODES:
-            base = summarize(r["samples"][f"nft -f/{mode}"])
-            for path in PATHS:
-                s = summarize(r["samples"][f"{path}/{mode}"])
-                row = [label, elements, mode, path, str(s.n), ms(s.min), ms(s.median), ms(s.max)]
-                rows.append([*row, ratio(s.min / base.min), ratio(s.median / base.median)])
-            ours = summarize(r["samples"][f"ours/{mode}"])
-            value = ours.min / base.min
-            name = f"full apply, {label}, {mode}"
-            goals.append(Goal(name, f"<= {GOAL}x nft -f (ratio of minimums)", ratio(value), value <= GOAL))
-        steps = (
-            ("parse list file (load_cidr_file)", "parse"),
-            ("build JSON document (build_replace)", "build"),
-            ("encode it (json.dumps)", "dumps"),
-        )
-        for step, key in steps:
-            s = summarize(r[key])
-            prep.append([label, step, str(s.n), ms(s.min), ms(s.median), ms(s.max)])
-        notes += explain(r, label)
-        if not r["identical"]:
-            notes.append(f"- {label}: the baseline's re-listing differed from ours: comparison suspect.")
-    headers = ["bypass CIDRs", "set elements v4 + v6", "start", "path", "n", "min ms", "median ms", "max ms"]
-    body = "\n\n".join(
-        [
-            "Atomic replace of table `inet tproxyd` (sets, chains, rules). `ours` = "
-            "`NftablesAdapter.replace(state)` from a built NftState (it runs `build_replace` on the "
-            "calling thread, then `json.dumps` and libnftables' JSON input on its worker thread, around "
-            "which it reads the table's chain and set names and fills the link sets over netlink); "
-            f"`{LIB_ONLY}` = only the libnftables call of that path, fed the already encoded document "
-            "(shows what the Python side adds); `nft -f` = the same table as text (our own "
-            "`nft list table` output after `table`/`delete table` lines), run as a process. "
-            "`steady` replaces the loaded table, `empty` starts with no table. Set elements = the "
-            "list plus the reserved ranges, after merging. The three paths are interleaved. The goal is "
-            "judged on the ratio of minimums: on this shared 2-core VM the median of the same `nft -f` "
-            "varied between 0.65 and 1.8 s at 100k from run to run, while the minimum (the least "
-            "disturbed run, i.e. the cost of the work itself) was stable.",
-            table([*headers, "ratio to nft -f (min)", "ratio to nft -f (median)"], rows),
-            "Preparation steps, timed alone (`replace` above includes the build and the encoding):",
-            table(["bypass CIDRs", "step", "n", "min ms", "median ms", "max ms"], prep),
-            *notes,
-        ]
-    )
-    return Report("Full apply", body, goals)
-
-
-def explain(r: dict[str, Any], label: str) -> list[str]:
-    """Where our extra time goes, when we are slower than the goal allows."""
-    out = []
-    for mode in MODES:
-        ours = summarize(r["samples"][f"ours/{mode}"]).min
-        base = summarize(r["samples"][f"nft -f/{mode}"]).min
-        if ours / base <= GOAL - BORDER:
-            continue
-        lib = summarize(r["samples"][f"{LIB_ONLY}/{mode}"]).min
-        build = summarize(r["build"]).min
-        dumps = summarize(r["dumps"]).min
-        out.append(
-            f"- {'Goal missed' if ours / base > GOAL else 'Borderline'} at {label}, {mode} (minimums): "
-            f"ours {ms(ours)} ms vs nft -f {ms(base)} ms. "
-            f"libnftables itself, fed our encoded JSON, takes {ms(lib)} ms ({ratio(lib / base)} of nft -f), "
-            f"so the excess is on the Python side: `build_replace` {ms(build)} ms + `json.dumps` "
-            f"{ms(dumps)} ms per replace (timed alone above). `replace()` also evaluates "
-            "`build_replace(state)` on the calling (event-loop) thread before handing the document to "
-            "its worker thread, so the daemon's loop is blocked for that long."
-        )
-    return out
+    """The tables come from bench/render.py (the one renderer); the narrative is in BENCHMARKS.md."""
+    text, goals = render_full_apply({"results": results})
+    return Report("Full apply", text, [Goal(*g) for g in goals])
 
 
 def main(argv: Sequence[str]) -> int:

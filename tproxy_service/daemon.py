@@ -19,6 +19,7 @@ from .bounded_read import Cancelled
 from .bus import service as bus_service
 from .config import DEFAULT_PATH, load_config
 from .control import Control
+from .desired import bypass_set
 from .engine import Engine, EngineStatus
 from .errors import ConfigError, TproxydError
 from .kernel.admission import FirewallAdmission
@@ -164,7 +165,7 @@ class Daemon:
         path = self.engine.config.path
         assert path is not None
         log.info("reloading the config from %s", path)
-        return await asyncio.to_thread(load_config, path, self._cancel_reads)
+        return await asyncio.to_thread(_load_and_merge, path, self._cancel_reads)
 
     async def _apply_config(self, config: Config) -> int:
         """Put a read config in place; raises ConfigError (running state kept) when the core
@@ -258,6 +259,14 @@ async def release(config: Config) -> None:
     finally:
         nft.close()
         routing.close()
+
+
+def _load_and_merge(path: Path, cancel: threading.Event) -> Config:
+    """Off the event loop: parse the config and lists, and merge the bypass set the engine will
+    ask for (cidrs.union returns this result again for the same inputs)."""
+    config = load_config(path, cancel)
+    bypass_set(config)
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
