@@ -120,6 +120,7 @@ _TPROXY_KEYS: dict[str, Callable[[Any], str | None]] = {
     ),
     "failure_policy": lambda v: None if v in ("open", "closed") else f'must be "open" or "closed", got {_show(v)}',
     "allow_unprivileged_port": _is_bool,
+    "bypass_ct_bit": _int_in(0, 31),
 }
 _BYPASS_KEYS: dict[str, Callable[[Any], str | None]] = {
     "reserved": _is_bool,

@@ -200,6 +200,9 @@ class TproxySettings:
     dns_hijack: DnsHijack = DnsHijack.ALL
     failure_policy: FailurePolicy = FailurePolicy.OPEN
     allow_unprivileged_port: bool = False  # a port >= 1024 only when the admin says so
+    # The conntrack mark bit that remembers a bypassed connection (masked: other bits of ct mark
+    # belong to whoever else uses them).
+    bypass_ct_bit: int = 30
 
 
 # Per [bypass] file: a full BGP table is ~1M prefixes; parsing 1M lines takes seconds.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import socket
 import time
 
@@ -331,6 +332,54 @@ def test_a_failing_replace_changes_nothing() -> None:
         assert sh("nft list table inet tproxyd") == before
         asyncio.run(adapter.replace(SCENARIOS["closed_policy"]))  # and the next one works
         assert "postrouting" in sh("nft list table inet tproxyd")
+        adapter.close()
+
+    run_in_netns(body)
+
+
+def _conntrack_marks(dport: int) -> list[int]:
+    listed = sh(f"conntrack -L -p udp --dport {dport} 2>/dev/null", check=False)
+    return [int(m) for m in re.findall(r"\bmark=(\d+)", listed)]
+
+
+def test_bypassed_connections_carry_only_their_ct_mark_bit() -> None:
+    """A connection to a bypassed destination gets the configured ct mark bit once, OR-ed into
+    the mark another ruleset set (that one's bits stay); a proxied one does not get it."""
+
+    def body() -> None:
+        sh("ip link add tpk-a type veth peer name tpk-b && ip link set tpk-a up && ip link set tpk-b up")
+        sh("ip addr add 198.51.100.1/30 dev tpk-a && ip route add 192.0.2.0/24 dev tpk-a")
+        sh("ip route add 203.0.113.0/24 dev tpk-a")
+        mac = json.loads(sh("ip -j link show tpk-b"))[0]["address"]
+        for peer in ("192.0.2.7", "203.0.113.7"):
+            sh(f"ip neigh add {peer} lladdr {mac} dev tpk-a nud permanent")
+        # Another user of ct mark, before us in output: bit 0.
+        sh(
+            "nft add table inet tpk_other && nft add chain inet tpk_other output "
+            "'{ type route hook output priority -200; }' && "
+            "nft add rule inet tpk_other output udp dport 9 ct mark set ct mark or 0x1"
+        )
+        settings = dataclasses.replace(TproxySettings(), bypass_ct_bit=20)
+        state = dataclasses.replace(
+            SCENARIOS["default"],
+            settings=settings,
+            bypass=parse_cidrs(["192.0.2.0/24"], "t"),
+            local=AddressSet(),
+            host_links=frozenset({"tpk-a"}),
+        )
+        adapter = NftablesAdapter()
+        asyncio.run(adapter.replace(state))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            for _ in range(3):
+                udp.sendto(b"bypassed", ("192.0.2.7", 9))
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+                other.sendto(b"proxied", ("203.0.113.7", 9))
+        wait_until(lambda: len(_conntrack_marks(9)) == 2, 5, "both connections in conntrack")
+        listed = sh("conntrack -L -p udp --dport 9 2>/dev/null")
+        bypassed = [int(m) for m in re.findall(r"dst=192\.0\.2\.7 .*?\bmark=(\d+)", listed)]
+        proxied = [int(m) for m in re.findall(r"dst=203\.0\.113\.7 .*?\bmark=(\d+)", listed)]
+        assert bypassed == [1 << 20 | 1], listed
+        assert proxied == [1], listed
         adapter.close()
 
     run_in_netns(body)

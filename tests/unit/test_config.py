@@ -106,6 +106,7 @@ def test_networkmanager_inline_entries_and_off_switch() -> None:
         ("[tproxy]\nport = 0\n", r"c\.toml:2: tproxy\.port: must be between 1 and 65535, got 0"),
         ('[tproxy]\n\nport = "80"\n', r"c\.toml:3: tproxy\.port: must be an integer, got '80'"),
         ("[tproxy]\nmark = 7\ncore_mark = 7\n", r"c\.toml:3: tproxy\.core_mark: must differ"),
+        ("[tproxy]\nbypass_ct_bit = 32\n", r"c\.toml:2: tproxy\.bypass_ct_bit: must be"),
         ("[tproxy]\nroute_table = 254\n", r"c\.toml:2: tproxy\.route_table: 254 is a kernel-reserved"),
         ('[tproxy]\nipv6 = "yes"\n', r"c\.toml:2: tproxy\.ipv6: must be true or false"),
         ('[tproxy]\ndns_hijack = "on"\n', r'c\.toml:2: tproxy\.dns_hijack: must be "off", "lan" or "all" .*got \'on\''),
@@ -205,3 +206,8 @@ def test_config_file_that_is_not_a_regular_file(tmp_path: Path) -> None:
     big.write_text("#" * (2 << 20))
     with pytest.raises(ConfigError, match=r"big\.toml is larger than 1048576 bytes"):
         load_config(big)
+
+
+def test_bypass_ct_bit_is_configurable() -> None:
+    assert parse_config("").tproxy.bypass_ct_bit == 30
+    assert parse_config("[tproxy]\nbypass_ct_bit = 3\n").tproxy.bypass_ct_bit == 3

@@ -190,3 +190,28 @@ def test_replace_of_an_existing_table_keeps_only_the_link_sets() -> None:
     nftables = pytest.importorskip("nftables", reason="Debian's python3-nftables is required")
     pytest.importorskip("jsonschema", reason="python3-jsonschema is required for schema validation")
     assert nftables.Nftables().json_validate({"nftables": commands})
+
+
+def test_bypassed_connections_set_and_test_only_their_ct_mark_bit() -> None:
+    state = SCENARIOS["default"]
+    custom = type(state)(
+        dataclasses.replace(state.settings, bypass_ct_bit=5),
+        state.bypass,
+        state.lan_links,
+        state.host_links,
+        state.local,
+    )
+    for scenario, bit in ((state, 1 << 30), (custom, 1 << 5)):
+        built = rules.build_replace(scenario)["nftables"]
+        chains = {c["add"]["rule"]["chain"]: [] for c in built if "rule" in c.get("add", {})}
+        for c in built:
+            if "rule" in c.get("add", {}):
+                chains[c["add"]["rule"]["chain"]].append(c["add"]["rule"]["expr"])
+        ct_mark = {"ct": {"key": "mark"}}
+        remembered = {"mangle": {"key": ct_mark, "value": {"|": [ct_mark, bit]}}}
+        accepts = [r for r in chains["bypass"] if r[-1] == {"accept": None}]
+        # Every destination-based accept remembers the connection; the core's mark and replies do not.
+        assert [remembered in r for r in accepts] == [False, False, True, True, True, True, True]
+        fast = {"match": {"op": "==", "left": {"&": [ct_mark, bit]}, "right": bit}}
+        assert chains["prerouting"][0] == [fast, {"accept": None}]
+        assert [fast, {"return": None}] in chains["output"]

@@ -65,6 +65,7 @@ _META_KEYS = {"mark": 3, "iifname": 6, "oifname": 7, "nfproto": 15, "l4proto": 1
 _L4PROTO = {"tcp": 6, "udp": 17}
 _FIB_TYPES = {"local": 2, "broadcast": 3, "multicast": 5}
 _CT_DIRECTION = {"original": 0, "reply": 1}
+_CT_MARK = 3  # NFT_CT_MARK
 _PAYLOAD = {  # (protocol, field) -> (nfproto dependency, base, offset, length)
     ("ip", "daddr"): (2, 1, 16, 4),
     ("ip6", "daddr"): (10, 1, 24, 16),
@@ -295,6 +296,9 @@ class BatchBuilder:
             return _expr("counter")
         if kind == "match":
             return self._match(body["left"], body["right"], body["op"])
+        if kind == "mangle" and body["key"] == {"ct": {"key": "mark"}}:
+            load, _encode, _key = self._load(body["value"])  # ct mark | BIT, masked
+            return load + _expr("ct", attr_u32(2, _CT_MARK), attr_u32(4, NFT_REG_1))
         if kind == "mangle" and body["key"] == {"meta": {"key": "mark"}}:
             return _immediate(NFT_REG_1, _host_u32(body["value"])) + _expr(
                 "meta", attr_u32(2, _META_KEYS["mark"]), attr_u32(3, NFT_REG_1)
@@ -360,6 +364,22 @@ class BatchBuilder:
             fields = attr_u32(2, base) + attr_u32(3, offset) + attr_u32(4, length)
             load += _expr("payload", attr_u32(1, NFT_REG_1), fields)
             return load, lambda v: int(v).to_bytes(length, "big"), (0, length, _BIG_ENDIAN)
+        elif kind in ("&", "|") and len(body) == 2 and isinstance(body[1], int):
+            load, encode, set_key = self._load(body[0])
+            if encode is not _host_u32:
+                raise UnsupportedJson(f"bitwise {kind} on {body[0]}")
+            mask, xor = (body[1], 0) if kind == "&" else (~body[1] & 0xFFFFFFFF, body[1])
+            load += _expr(
+                "bitwise",
+                attr_u32(1, NFT_REG_1),
+                attr_u32(2, NFT_REG_1),
+                attr_u32(3, 4),
+                nested(4, _value(_host_u32(mask))),
+                nested(5, _value(_host_u32(xor))),
+            )
+            return load, encode, set_key
+        elif kind == "ct" and body["key"] == "mark":
+            return _expr("ct", attr_u32(2, _CT_MARK), attr_u32(1, NFT_REG_1)), _host_u32, (0, 4, _HOST_ENDIAN)
         elif kind == "ct" and body["key"] == "direction":
             load = _expr("ct", attr_u32(2, 1), attr_u32(1, NFT_REG_1))
             return load, lambda v: _u8(_CT_DIRECTION[v]), (0, 1, _HOST_ENDIAN)

@@ -76,6 +76,22 @@ def _mark_set(mark: int) -> Json:
     return {"mangle": {"key": _meta("mark"), "value": mark}}
 
 
+def _ct_mark() -> Json:
+    return {"ct": {"key": "mark"}}
+
+
+def _bypassed_connection(s: TproxySettings) -> list[Json]:
+    """Accept, and remember the connection as bypassed in its ct mark bit (only that bit: the
+    rest of ct mark is left to other users), so its later packets take the fast path."""
+    bit = 1 << s.bypass_ct_bit
+    return [{"mangle": {"key": _ct_mark(), "value": {"|": [_ct_mark(), bit]}}}, _ACCEPT]
+
+
+def _known_bypassed(s: TproxySettings) -> Json:
+    bit = 1 << s.bypass_ct_bit
+    return _match({"&": [_ct_mark(), bit]}, bit)
+
+
 _ACCEPT: Json = {"accept": None}
 _RETURN: Json = {"return": None}
 
@@ -159,7 +175,7 @@ def _bypass_rules(s: TproxySettings) -> list[Json]:
                 {"fib": {"result": "type", "flags": ["daddr"]}},
                 {"set": ["local", "broadcast", "multicast"]},
             ),
-            _ACCEPT,
+            *_bypassed_connection(s),
         )
     )
     if s.dns_hijack is not DnsHijack.OFF:  # DNS to a directly connected resolver is still proxied (no DNS leak)
@@ -173,12 +189,14 @@ def _bypass_rules(s: TproxySettings) -> list[Json]:
                 )
             )
     for proto, name in (("ip", SET_BYPASS4), ("ip6", SET_BYPASS6), ("ip", SET_LOCAL4), ("ip6", SET_LOCAL6)):
-        rules.append(_rule(CHAIN_BYPASS, _match(_payload(proto, "daddr"), _set_ref(name)), _ACCEPT))
+        rules.append(_rule(CHAIN_BYPASS, _match(_payload(proto, "daddr"), _set_ref(name)), *_bypassed_connection(s)))
     return rules
 
 
 def _prerouting_rules(s: TproxySettings) -> list[Json]:
     return [
+        # Fast path: a connection the bypass chain accepted before (and its replies), whatever link.
+        _rule(CHAIN_PREROUTING, _known_bypassed(s), _ACCEPT),
         # Established proxied flows from lan links: straight to the core's transparent socket.
         # Only on lan links: a socket lookup for every packet of every other link (say, the
         # upstream's replies) would tax traffic that is never diverted.
@@ -237,6 +255,7 @@ def _output_rules(s: TproxySettings) -> list[Json]:
     ]
     if not s.ipv6 and not closed:
         rules.append(_rule(CHAIN_OUTPUT, _match(_meta("nfproto"), "ipv6"), _RETURN))
+    rules.append(_rule(CHAIN_OUTPUT, _known_bypassed(s), _RETURN))  # fast path, as in prerouting
     rules.append(_rule(CHAIN_OUTPUT, _jump(CHAIN_BYPASS)))
     # closed: what is not bypassed and cannot be diverted is dropped, never sent direct
     if not s.ipv6 and closed:
