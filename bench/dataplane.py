@@ -11,6 +11,8 @@ The server sits one hop behind the gateway, so it is not a directly connected su
 100k-element `bypass4` set. Conditions, in a rotating order each repeat:
   * none:      no tproxyd, no table in the gateway (the baseline);
   * loaded:    tproxyd running in the gateway with that config (started/stopped per run);
+  * guide:     the classic v2ray TPROXY guide's hand-written IPv4 ruleset (the second baseline),
+               with the same reserved ranges + list as its `return` set, and its policy routing;
   * conntrack: diagnostic, a one-rule table of ours (`ct state new`) that only turns conntrack on;
   * small:     diagnostic, tproxyd with a bypass list holding only 203.0.113.0/24.
 Control: before each run a TCP connection to a listener on 192.0.2.10 (not bypassed) must succeed
@@ -33,6 +35,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from benchlib import (
+    ROOT,
     Daemon,
     Goal,
     Report,
@@ -41,18 +44,39 @@ from benchlib import (
     in_ns,
     log,
     netns,
-    ratio,
     sh,
-    summarize,
-    table,
     write_config,
 )
+from footprint import Variant
+from render import dataplane as render_dataplane
 
-GOAL = 0.9
+from tproxy_service.cidrs import to_address
+from tproxy_service.desired import RESERVED
+
 SERVER = "203.0.113.10"
 CONTROL = "192.0.2.10"
 CONTROL_PORT = 5202
-NONE, LOADED, CONNTRACK, SMALL = "none", "loaded", "conntrack", "small"
+NONE, LOADED, GUIDE, CONNTRACK, SMALL = "none", "loaded", "guide", "conntrack", "small"
+LOADED_BASELINE = "loaded_baseline"  # the same config, run by the --baseline tree's code
+RESULTS = ROOT / "bench" / "results" / "dataplane.json"
+# The hand-written IPv4 ruleset of the classic v2ray TPROXY guide, given the same bypass set as
+# tproxyd (reserved ranges + the list) as its `return` set; its LAN (192.168.0.0/16 in the guide)
+# is this topology's client subnet.
+GUIDE_RULESET = """\
+table ip tpbguide {{
+    set bypass {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {elements} }} }}
+    chain prerouting {{
+        type filter hook prerouting priority filter; policy accept;
+        ip daddr @bypass return
+        ip daddr 198.51.100.0/24 tcp dport != 53 return
+        meta l4proto {{ tcp, udp }} meta mark set 1 tproxy to 127.0.0.1:12345 accept
+    }}
+    chain divert {{
+        type filter hook prerouting priority mangle; policy accept;
+        meta l4proto tcp socket transparent 1 meta mark set 1 accept
+    }}
+}}
+"""
 CONNTRACK_TABLE = (
     "add table inet tpbct; add chain inet tpbct pre { type filter hook prerouting priority -150; }; "
     "add rule inet tpbct pre ct state new"
@@ -70,6 +94,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         action="store_false",
         help="skip the conntrack-only and small-table conditions",
     )
+    parser.add_argument("--baseline", type=Path, help="also run tproxyd from this tree's tproxy_service")
+    parser.add_argument("--json", type=Path, default=RESULTS, help=f"raw results (default {RESULTS})")
     return parser.parse_args(argv)
 
 
@@ -151,17 +177,29 @@ def control_connects(client: str) -> bool:
 
 
 @contextmanager
-def condition(name: str, gateway: str, configs: dict[str, Path]) -> Iterator[None]:
+def condition(name: str, gateway: str, configs: dict[str, Path], guide: Path, baseline: Path | None) -> Iterator[None]:
     """Put the gateway in condition `name` for the duration of the block."""
     if "tproxyd" in in_ns(gateway, "nft", "list", "tables"):
         raise RuntimeError("table inet tproxyd is still loaded in the gateway")
     if name in configs:
-        daemon = Daemon(gateway, configs[name])
+        daemon: Daemon = Daemon(gateway, configs[name])
+        if name == LOADED_BASELINE:
+            daemon = Variant(gateway, configs[name], baseline)
         try:
             daemon.start()
             yield
         finally:
             daemon.stop()
+    elif name == GUIDE:  # with the guide's policy routing: marked packets are delivered locally
+        in_ns(gateway, "nft", "-f", str(guide))
+        in_ns(gateway, "ip", "rule", "add", "fwmark", "1", "lookup", "100")
+        in_ns(gateway, "ip", "route", "add", "local", "default", "dev", "lo", "table", "100")
+        try:
+            yield
+        finally:
+            in_ns(gateway, "ip", "route", "del", "local", "default", "dev", "lo", "table", "100")
+            in_ns(gateway, "ip", "rule", "del", "fwmark", "1", "lookup", "100")
+            in_ns(gateway, "nft", "delete table ip tpbguide")
     elif name == CONNTRACK:
         in_ns(gateway, "nft", CONNTRACK_TABLE)
         try:
@@ -179,13 +217,20 @@ def measure(args: argparse.Namespace, tmp: Path, client: str, gateway: str) -> d
         bypass.write_text("\n".join(bypass_lines(count, 2000 if count else 0, extra=["203.0.113.0/24"])) + "\n")
         configs[name] = tmp / f"config-{count}.toml"
         write_config(configs[name], bypass, {"lan0": "lan"})
-    names = [NONE, LOADED] + ([CONNTRACK, SMALL] if args.diagnostics else [])
+    guide = tmp / "guide.nft"
+    v4 = [line for line in bypass_lines(args.bypass, 0, extra=["203.0.113.0/24"]) if line[:1].isdigit()]
+    reserved = [f"{to_address(4, iv.first)}-{to_address(4, iv.last)}" for iv in RESERVED.v4]
+    guide.write_text(GUIDE_RULESET.format(elements=", ".join(reserved + v4)))
+    if args.baseline:
+        configs[LOADED_BASELINE] = configs[LOADED]
+    names = [NONE, LOADED, GUIDE] + ([LOADED_BASELINE] if args.baseline else [])
+    names += [CONNTRACK, SMALL] if args.diagnostics else []
     results: dict[str, list[float]] = {name: [] for name in names}
     controls: list[bool] = []  # True when the control behaved as its condition requires
     for i in range(args.repeat):
         for name in names[i % len(names) :] + names[: i % len(names)]:
-            with condition(name, gateway, configs):
-                diverted = name in configs
+            with condition(name, gateway, configs, guide, args.baseline):
+                diverted = name in configs or name == GUIDE
                 controls.append(control_connects(client) != diverted)
                 results[name].append(iperf_gbits(client, args.seconds))
             log(f"dataplane: run {i + 1}/{args.repeat} {name}: {results[name][-1]:.2f} Gbit/s")
@@ -204,69 +249,15 @@ def run(args: argparse.Namespace) -> Report:
         stack.enter_context(server_process(server, control_listener(), CONTROL_PORT))
         log(f"dataplane: {args.repeat} x {args.seconds} s per condition, {args.bypass} bypass CIDRs")
         results = measure(args, tmp, client, gateway)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"benchmark": "dataplane", "bypass": args.bypass, **results}, indent=1) + "\n")
     return render(results, args)
 
 
 def render(results: dict[str, list[float]], args: argparse.Namespace) -> Report:
-    base = summarize(results[NONE]).median
-    described = {
-        NONE: "no ruleset (baseline)",
-        LOADED: f"tproxyd, {args.bypass:,} + 2,000 bypass CIDRs",
-        CONNTRACK: "diagnostic: conntrack only (one `ct state new` rule, no tproxyd)",
-        SMALL: "diagnostic: tproxyd, bypass list = only the server's /24",
-    }
-    rows = []
-    medians = {}
-    for name in (n for n in (NONE, LOADED, CONNTRACK, SMALL) if n in results):
-        s = summarize(results[name])
-        medians[name] = s.median
-        cells = [f"{s.min:.2f}", f"{s.median:.2f}", f"{s.max:.2f}"]
-        rows.append([described[name], str(s.n), *cells, ratio(s.median / base)])
-    loaded = medians[LOADED] / base
-    control = bool(results["controls_ok"][0])
-    name = f"bypassed flow throughput, {args.bypass:,} loaded"
-    goals = [Goal(name, f">= {GOAL}x no ruleset", ratio(loaded), loaded >= GOAL)]
-    verdict = (
-        "connected whenever nothing diverts and failed whenever tproxyd's table was loaded, every "
-        "time (the ruleset is in the path)"
-        if control
-        else "did NOT behave as required: the ruleset may not be in the path, results invalid"
-    )
-    notes = []
-    if CONNTRACK in medians:
-        notes.append(
-            f"- {'Goal missed' if loaded < GOAL else 'Goal met'} ({ratio(loaded)}). "
-            "Split by the diagnostics (medians, ratio to no ruleset): "
-            f"turning conntrack on alone gives {ratio(medians[CONNTRACK] / base)}; tproxyd's rules with a "
-            f"tiny bypass set give {ratio(medians[SMALL] / base)}; with {args.bypass:,} entries "
-            f"{ratio(loaded)}. Our chains need conntrack (`ct direction reply`), which the baseline "
-            "does not run at all; a gateway that already does NAT or stateful filtering pays that part "
-            "anyway. Differences of a few percent are within this VM's run-to-run noise (see min/max)."
-        )
-    for name in (NONE, LOADED):
-        s = summarize(results[name])
-        spread = (s.max - s.min) / s.median
-        if spread > 1 - GOAL:
-            notes.append(
-                f"- Noise: the {described[name]} runs spread over {spread:.0%} of their median "
-                f"({s.min:.2f}-{s.max:.2f} Gbit/s), more than the goal's {1 - GOAL:.0%} margin, so this "
-                "run's verdict is not a reliable pass or fail. Rerun on an idle machine with more "
-                "`--repeat` to settle it."
-            )
-    body = "\n\n".join(
-        [
-            "iperf3, 1 TCP stream, client namespace -> gateway namespace (forwarding) -> server "
-            f"namespace one hop further, {args.seconds} s per run (first second omitted), "
-            "receiver-side Gbit/s. Conditions rotate order every repeat. `tproxyd`: the gateway's "
-            "link `lan0` is in `lan` mode and the server's 203.0.113.0/24 is a line of the bypass "
-            "file, so every forwarded packet walks the divert chains and is accepted by the "
-            "`bypass4` lookup. The daemon is started and stopped around each of its runs.",
-            f"Control connection to a non-bypassed address behind the same gateway: {verdict}.",
-            table(["condition", "n", "min Gbit/s", "median Gbit/s", "max Gbit/s", "ratio (median)"], rows),
-            *notes,
-        ]
-    )
-    return Report("Data plane: bypassed flow", body, goals)
+    """The tables come from bench/render.py (the one renderer); the narrative is in BENCHMARKS.md."""
+    text, goals = render_dataplane({"bypass": args.bypass, **results})
+    return Report("Data plane: bypassed flow", text, [Goal(*g) for g in goals])
 
 
 def main(argv: Sequence[str]) -> int:

@@ -194,6 +194,42 @@ def footprint(data: dict[str, Any], nft_f_ms: Callable[[int], float | None]) -> 
     return text, goals
 
 
+# --- data plane ---------------------------------------------------------------------------------
+
+DATAPLANE_GOALS = {"none": 0.93, "guide": 1.0}  # bypassed flow / baseline, medians
+DATAPLANE_LABELS = {
+    "none": "no ruleset (baseline)",
+    "guide": "the v2ray guide's hand-written ruleset (baseline)",
+    "loaded": "tproxyd",
+    "loaded_baseline": "tproxyd, baseline code (before)",
+    "conntrack": "diagnostic: conntrack only (one `ct state new` rule)",
+    "small": "diagnostic: tproxyd, bypass list = only the server's /24",
+}
+
+
+def dataplane(data: dict[str, Any]) -> tuple[str, list[Goal]]:
+    medians = {n: statistics.median(data[n]) for n in DATAPLANE_LABELS if n in data}
+    rows = []
+    for name, label in DATAPLANE_LABELS.items():
+        if name in data:
+            values = data[name]
+            ratios = [f"{medians[name] / medians[b]:.2f}x" if b in medians else "-" for b in ("none", "guide")]
+            rows.append([label, str(len(values)), *(f"{v:.2f}" for v in _spread_raw(values)), *ratios])
+    goals: list[Goal] = []
+    for base, target in DATAPLANE_GOALS.items():
+        if base in medians:
+            value = medians["loaded"] / medians[base]
+            name = f"bypassed flow, {data['bypass']:,} loaded, vs {DATAPLANE_LABELS[base]}"
+            goals.append((name, f">= {target}x (medians)", f"{value:.2f}x", value >= target))
+    control = "held in every run" if data.get("controls_ok", [0])[0] else "**FAILED: results invalid**"
+    heads = ["condition", "n", "min Gbit/s", "median Gbit/s", "max Gbit/s", "vs no ruleset", "vs guide"]
+    return f"Control (the ruleset is in the path): {control}.\n\n" + table(heads, rows), goals
+
+
+def _spread_raw(values: Sequence[float]) -> list[float]:
+    return [min(values), statistics.median(values), max(values)]
+
+
 # --- BENCHMARKS.md ------------------------------------------------------------------------------
 
 
@@ -223,6 +259,11 @@ def main(argv: Sequence[str]) -> int:
         data = json.loads(footprint_file.read_text())
         text, found = footprint(data, lambda v4: nft_f_median_ms(apply_data, v4) if apply_data else None)
         document = replace_section(document, "footprint", text)
+        goals += found
+    dataplane_file = args.results / "dataplane.json"
+    if dataplane_file.exists():
+        text, found = dataplane(json.loads(dataplane_file.read_text()))
+        document = replace_section(document, "dataplane", text)
         goals += found
     document = replace_section(document, "goals", goal_table(goals))
     args.output.write_text(document)
