@@ -70,6 +70,8 @@ _PAYLOAD = {  # (protocol, field) -> (nfproto dependency, base, offset, length)
     ("ip", "daddr"): (2, 1, 16, 4),
     ("ip6", "daddr"): (10, 1, 24, 16),
     ("th", "dport"): (None, 2, 2, 2),
+    ("tcp", "dport"): (None, 2, 2, 2),  # the rules match `meta l4proto` themselves before these
+    ("udp", "dport"): (None, 2, 2, 2),
 }
 
 
@@ -186,6 +188,7 @@ class BatchBuilder:
         self.table = table
         self.elements = elements  # set name -> element chunks, sent right after the set is added
         self.messages: list[Msg] = []
+        self._nfproto = 0
         self._set_ids: dict[str, int] = {}
         self._next_id = 1
 
@@ -276,6 +279,7 @@ class BatchBuilder:
         return set_id
 
     def _add_rule(self, spec: dict[str, Any]) -> None:
+        self._nfproto = 0  # the network family the rule matched so far (decides `reject`'s ICMP)
         exprs = b"".join(self._statement(e) for e in spec["expr"])
         payload = (
             self._table_attr(NFTA_RULE_TABLE)
@@ -294,6 +298,14 @@ class BatchBuilder:
             return _verdict("jump", body["target"])
         if kind == "counter":
             return _expr("counter")
+        if kind == "reject":
+            if body == {"type": "tcp reset"}:
+                kind_code = (1, 0)  # NFT_REJECT_TCP_RST
+            elif body is None:  # port unreachable, in the family's own ICMP when the rule knows it
+                kind_code = {2: (0, 3), 10: (0, 4)}.get(self._nfproto, (2, 1))
+            else:
+                raise UnsupportedJson(f"reject {body}")
+            return _expr("reject", attr_u32(1, kind_code[0]), attr(2, _u8(kind_code[1])))
         if kind == "match":
             return self._match(body["left"], body["right"], body["op"])
         if kind == "mangle" and body["key"] == {"ct": {"key": "mark"}}:
@@ -333,7 +345,14 @@ class BatchBuilder:
                 "__set%d", NFT_SET_ANONYMOUS | NFT_SET_CONSTANT, key_type, key_len, userdata, chunks, len(values)
             )
             return load + self._lookup("__set%d", set_id, negate)
+        if left == {"meta": {"key": "nfproto"}} and not negate:
+            self._nfproto = _NFPROTO[right]
         return load + _cmp(encode(right), negate)
+
+    @staticmethod
+    def _payload(base: int, offset: int, length: int) -> bytes:
+        fields = attr_u32(2, base) + attr_u32(3, offset) + attr_u32(4, length)
+        return _expr("payload", attr_u32(1, NFT_REG_1), fields)
 
     def _lookup(self, name: str, set_id: int, negate: bool) -> bytes:
         attrs = [attr_u32(2, NFT_REG_1), attr_str(1, name)]
@@ -361,8 +380,15 @@ class BatchBuilder:
         elif kind == "payload":
             dep, base, offset, length = _PAYLOAD[(body["protocol"], body["field"])]
             load = b"" if dep is None else _meta_load("nfproto") + _cmp(_u8(dep))
-            fields = attr_u32(2, base) + attr_u32(3, offset) + attr_u32(4, length)
-            load += _expr("payload", attr_u32(1, NFT_REG_1), fields)
+            self._nfproto = dep or self._nfproto
+            if body["field"] == "daddr":
+                family = socket.AF_INET if dep == 2 else socket.AF_INET6
+                return (
+                    load + self._payload(base, offset, length),
+                    lambda v: socket.inet_pton(family, v),
+                    (0, length, _BIG_ENDIAN),
+                )
+            load += self._payload(base, offset, length)
             return load, lambda v: int(v).to_bytes(length, "big"), (0, length, _BIG_ENDIAN)
         elif kind in ("&", "|") and len(body) == 2 and isinstance(body[1], int):
             load, encode, set_key = self._load(body[0])
