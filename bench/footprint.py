@@ -6,7 +6,7 @@ for each list size (IPv4 /24s + 2k IPv6 /48s; 0 = no list), in a fresh namespace
 link (a veth), unsupervised core:
   * start to ready: process start -> the `tproxyd ready` log line;
   * RSS and USS (private pages, /proc/PID/smaps_rollup) settled 2 s after ready;
-  * Reload (SIGHUP) of an unchanged list: -> the `config reloaded` line;
+  * Reload (SIGHUP) of an unchanged list: -> the `config from PATH in place` line;
   * 3 Reloads of a changed list (another random list each): -> one of its new entries is in the
     kernel's bypass set (a GETSETELEM lookup every 2 ms from a process in the namespace);
     RSS/USS after them;
@@ -161,10 +161,10 @@ def one_run(
         pid = daemon.proc.pid
         time.sleep(2.0)  # settle: what the daemon keeps, not what it passed through
         out["settled"] = memory_kb(pid)
-        reloaded = sum("config reloaded" in line for line in daemon.stderr_lines)
+        reloaded = sum(" in place" in line for line in daemon.stderr_lines)
         start = time.perf_counter()
         daemon.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: sum("config reloaded" in x for x in daemon.stderr_lines) > reloaded, 60, "the reload")
+        wait_for(lambda: sum(" in place" in x for x in daemon.stderr_lines) > reloaded, 60, "the reload")
         out["reload_unchanged_s"] = time.perf_counter() - start
         out["reload_changed_s"] = []
         for i in range(1, args.reloads + 1 if v4 else 1):
