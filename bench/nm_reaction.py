@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import select
 import socket
-import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -49,6 +48,8 @@ from benchlib import (
     table,
 )
 
+from tproxy_service.kernel.netlink_wire import messages, parse_attrs
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the world of tests/nm is the benchmark's setup
 
@@ -58,7 +59,6 @@ NETLINK_NETFILTER, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES = 12, 2
 NFT_NEWSETELEM, NFT_DELSETELEM = (10 << 8) | 12, (10 << 8) | 14
 NFTA_SET_ELEM_LIST_SET = 2
 SET_NAME = b"host_links\0"
-HDR, ATTR = struct.Struct("=IHHII"), struct.Struct("=HH")
 PREPARE, ACTIVATED, DEACTIVATING = 40, 100, 110
 
 
@@ -74,22 +74,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def set_events(buf: bytes) -> list[int]:
     """The NEWSETELEM/DELSETELEM message types for set host_links in one netlink read."""
-    found, offset = [], 0
-    while offset + HDR.size <= len(buf):
-        length, kind, _flags, _seq, _pid = HDR.unpack_from(buf, offset)
-        if length < HDR.size:
-            break
-        if kind in (NFT_NEWSETELEM, NFT_DELSETELEM):
-            start, end = offset + HDR.size + 4, offset + length
-            while start + ATTR.size <= end:
-                alen, akind = ATTR.unpack_from(buf, start)
-                if alen < ATTR.size:
-                    break
-                if akind & 0x3FFF == NFTA_SET_ELEM_LIST_SET and buf[start + ATTR.size : start + alen] == SET_NAME:
-                    found.append(kind)
-                start += (alen + 3) & ~3
-        offset += (length + 3) & ~3
-    return found
+    return [
+        msg.kind
+        for msg in messages(buf)
+        if msg.kind in (NFT_NEWSETELEM, NFT_DELSETELEM)
+        and parse_attrs(buf, msg.start + 4, msg.end).get(NFTA_SET_ELEM_LIST_SET) == SET_NAME
+    ]
 
 
 class Recorder:

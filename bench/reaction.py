@@ -44,6 +44,8 @@ from benchlib import (
     write_config,
 )
 
+from tproxy_service.kernel.netlink_wire import NLMSG_ERROR, NLMSGHDR, attr, iter_attrs, messages, parse_attrs
+
 GOAL_MS = 20.0
 LINK = "lan0"
 PEER = "lanp0"
@@ -59,14 +61,11 @@ NETLINK_ADD_MEMBERSHIP = 1
 NFNLGRP_NFTABLES = 7
 RTM_NEWADDR, RTM_DELADDR = 20, 21
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
-NLMSG_ERROR = 2
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 NFT_NEWSETELEM = (10 << 8) | 12
 NFT_DELSETELEM = (10 << 8) | 14
 NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 2, 3
 NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_DATA_VALUE = 1, 1, 1
-HDR = struct.Struct("=IHHII")
-ATTR = struct.Struct("=HH")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -79,42 +78,26 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 # --- netlink helpers (worker) -------------------------------------------------------------------
 
 
-def attrs(buf: bytes, start: int, end: int) -> list[tuple[int, bytes]]:
-    out = []
-    while start + ATTR.size <= end:
-        length, kind = ATTR.unpack_from(buf, start)
-        if length < ATTR.size:
-            break
-        out.append((kind & 0x3FFF, buf[start + ATTR.size : start + length]))
-        start += (length + 3) & ~3
-    return out
-
-
 def element_keys(elements: bytes) -> list[bytes]:
     keys = []
-    for kind, elem in attrs(elements, 0, len(elements)):
+    for kind, elem in iter_attrs(elements, 0, len(elements)):
         if kind != NFTA_LIST_ELEM:
             continue
-        for key_kind, key in attrs(elem, 0, len(elem)):
+        for key_kind, key in iter_attrs(elem, 0, len(elem)):
             if key_kind == NFTA_SET_ELEM_KEY:
-                keys += [value for vk, value in attrs(key, 0, len(key)) if vk == NFTA_DATA_VALUE]
+                keys += [value for vk, value in iter_attrs(key, 0, len(key)) if vk == NFTA_DATA_VALUE]
     return keys
 
 
 def carries(buf: bytes, msg_type: int, key: bytes) -> bool:
     """True if `buf` holds a `msg_type` message for set local4 with element key `key`."""
-    offset = 0
-    while offset + HDR.size <= len(buf):
-        length, kind, _flags, _seq, _pid = HDR.unpack_from(buf, offset)
-        if length < HDR.size:
-            break
-        if kind == msg_type:
-            found = dict(attrs(buf, offset + HDR.size + 4, offset + length))
-            if found.get(NFTA_SET_ELEM_LIST_SET) == SET_NAME:
-                elements = found.get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")
-                if key in element_keys(elements):
-                    return True
-        offset += (length + 3) & ~3
+    for msg in messages(buf):
+        if msg.kind == msg_type:
+            found = parse_attrs(buf, msg.start + 4, msg.end)
+            if found.get(NFTA_SET_ELEM_LIST_SET) == SET_NAME and key in element_keys(
+                found.get(NFTA_SET_ELEM_LIST_ELEMENTS, b"")
+            ):
+                return True
     return False
 
 
@@ -130,18 +113,15 @@ def addr_message(msg_type: int, index: int, seq: int) -> bytes:
     packed = socket.inet_aton(ADDRESS)
     body = struct.pack("=BBBBI", socket.AF_INET, PREFIX, 0, 0, index)
     for kind in (IFA_LOCAL, IFA_ADDRESS):
-        body += ATTR.pack(ATTR.size + len(packed), kind) + packed
+        body += attr(kind, packed)
     flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE | NLM_F_EXCL if msg_type == RTM_NEWADDR else 0)
-    return HDR.pack(HDR.size + len(body), msg_type, flags, seq, 0) + body
+    return NLMSGHDR.pack(NLMSGHDR.size + len(body), msg_type, flags, seq, 0) + body
 
 
 def check_ack(sock: socket.socket) -> None:
-    buf = sock.recv(65536)
-    _length, kind, _flags, _seq, _pid = HDR.unpack_from(buf, 0)
-    if kind == NLMSG_ERROR:
-        (code,) = struct.unpack_from("=i", buf, HDR.size)
-        if code:
-            raise OSError(-code, f"rtnetlink refused the address change: {code}")
+    for msg in messages(sock.recv(65536)):
+        if msg.kind == NLMSG_ERROR and msg.error_code():
+            raise OSError(msg.error_code(), "rtnetlink refused the address change")
 
 
 def wait_event(sock: socket.socket, msg_type: int, key: bytes, timeout: float) -> float | None:

@@ -62,13 +62,19 @@ def attr_str(attr_type: int, text: str) -> bytes:
     return attr(attr_type, text.encode() + b"\0")
 
 
-def parse_attrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
-    """The netlink attributes in buf[start:end], by type (the first of each type)."""
-    out: dict[int, bytes] = {}
+def iter_attrs(buf: bytes, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """Every netlink attribute in buf[start:end] as (type without flags, payload), in order."""
     while start + 4 <= end:
         length, attr_type = _ATTR.unpack_from(buf, start)
         if length < 4:
-            break
-        out.setdefault(attr_type & 0x3FFF, buf[start + 4 : start + length])
+            return
+        yield attr_type & 0x3FFF, buf[start + 4 : start + length]
         start += (length + 3) & ~3
+
+
+def parse_attrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
+    """The netlink attributes in buf[start:end], by type (the first of each type)."""
+    out: dict[int, bytes] = {}
+    for attr_type, payload in iter_attrs(buf, start, end):
+        out.setdefault(attr_type, payload)
     return out
