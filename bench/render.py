@@ -234,10 +234,10 @@ def _spread_raw(values: Sequence[float]) -> list[float]:
 
 
 def replace_section(document: str, name: str, text: str) -> str:
-    pattern = re.compile(rf"(<!-- generated: {name} -->\n).*?(\n<!-- end: {name} -->)", re.S)
+    pattern = re.compile(rf"(<!-- generated: {name} -->\n).*?(<!-- end: {name} -->)", re.S)
     if not pattern.search(document):
         raise SystemExit(f"BENCHMARKS.md has no '<!-- generated: {name} -->' ... '<!-- end: {name} -->' section")
-    return pattern.sub(lambda m: m.group(1) + text + m.group(2), document)
+    return pattern.sub(lambda m: m.group(1) + text.rstrip("\n") + "\n" + m.group(2), document)
 
 
 def main(argv: Sequence[str]) -> int:
