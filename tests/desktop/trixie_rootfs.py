@@ -8,7 +8,6 @@ never written to afterwards: every run mounts an overlay on it. The first build 
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -17,7 +16,6 @@ from pathlib import Path
 from tests.system import images
 
 SUITE = "trixie"
-VARIANT = "minbase"
 # debootstrap does not pick providers of virtual packages: libpam-systemd (default-logind) and
 # dconf-gsettings-backend (gsettings-backend) are named here.
 PACKAGES = (
@@ -46,55 +44,33 @@ BUILD_PREFIX = f"gnome-{SUITE}-rootfs"
 
 
 def key() -> str:
-    return images._key({"suite": SUITE, "variant": VARIANT, "packages": sorted(PACKAGES), "recipe": RECIPE})
-
-
-def _use(entry: Path) -> bool:
-    """Whether the entry exists; marks it used now (its mtime: the cache may prune unused ones)."""
-    if not entry.is_dir():
-        return False
-    os.utime(entry)
-    return True
+    return images._key({"suite": SUITE, "variant": images.VARIANT, "packages": sorted(PACKAGES), "recipe": RECIPE})
 
 
 def ensure_rootfs(log: Path) -> tuple[Path, float]:
     """The cached GNOME Shell 48 rootfs, built if missing; returns (path, seconds spent building)."""
     target = images.CACHE_DIR / f"rootfs-gnome-{SUITE}-{key()}"
-    if _use(target):
+    if images._use(target):
         return target, 0.0
     # The build directory's name must not match the system tier's `.build-rootfs-*`: that tier
     # removes those as stale under its own lock, while this build may be running.
     with images._locked(BUILD_PREFIX):
-        if _use(target):  # another run built it while we waited for the lock
+        if images._use(target):  # another run built it while we waited for the lock
             return target, 0.0
         images._remove_stale_builds(BUILD_PREFIX)
         build = Path(tempfile.mkdtemp(prefix=f".build-{BUILD_PREFIX}-{key()}-", dir=images.CACHE_DIR))
         started = time.monotonic()
         try:
-            tree = build / "rootfs"
-            # In a private mount and PID namespace: a killed build leaves no mount or process.
-            images._run(
-                [
-                    *images.UNSHARE_PRIVATE,
-                    "debootstrap",
-                    f"--variant={VARIANT}",
-                    f"--include={','.join(sorted(PACKAGES))}",
-                    SUITE,
-                    str(tree),
-                    images.host_mirror(),
-                ],
-                log,
+            images.debootstrap_into(
+                build / "rootfs",
+                target,
+                SUITE,
+                sorted(PACKAGES),
+                images.host_mirror(),
+                must_have=MUST_HAVE,
+                log=log,
                 timeout=1800,
-                details=tree / "debootstrap" / "debootstrap.log",
             )
-            for needed in MUST_HAVE:
-                if not (tree / needed).exists():
-                    raise images.ImageError(f"the debootstrapped {SUITE} rootfs lacks /{needed}")
-            for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
-                for entry in (tree / cache).glob("*"):
-                    if entry.is_file():
-                        entry.unlink()
-            os.rename(tree, target)
         finally:
             shutil.rmtree(build, ignore_errors=True)
         return target, time.monotonic() - started

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 CACHE_DIR = Path(os.environ.get("TPROXYD_TEST_CACHE", "/var/cache/tproxyd-tests"))
@@ -201,6 +201,47 @@ def _run(args: list[str], log: Path, timeout: float, details: Path | None = None
         raise ImageError(f"{args[0]} failed (rc {proc.returncode}); last lines of {log}:\n{log.read_text()[-3000:]}")
 
 
+def debootstrap_into(
+    tree: Path,
+    target: Path,
+    suite: str,
+    packages: Iterable[str],
+    mirror: str,
+    must_have: Iterable[str],
+    log: Path,
+    timeout: float,
+) -> None:
+    """Debootstraps `suite` with `packages` into `tree`, checks that every `must_have` path is
+    there, drops apt's caches and renames the tree to `target` (the last step: a cache entry
+    exists only once it is complete)."""
+    # debootstrap mounts /proc and /sys inside the tree while it installs: in a private
+    # mount namespace, a killed build cannot leave those mounts on the host; in a PID
+    # namespace that dies with `unshare` (--kill-child), none of its processes outlives it.
+    _run(
+        [
+            *UNSHARE_PRIVATE,
+            "debootstrap",
+            f"--variant={VARIANT}",
+            f"--include={','.join(packages)}",
+            suite,
+            str(tree),
+            mirror,
+        ],
+        log,
+        timeout=timeout,
+        details=tree / "debootstrap" / "debootstrap.log",
+    )
+    for needed in must_have:
+        if not (tree / needed).exists():
+            raise ImageError(f"the debootstrapped {suite} rootfs lacks /{needed}")
+    # apt's package lists and downloaded .debs are not needed (nothing is installed later).
+    for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
+        for entry in (tree / cache).glob("*"):
+            if entry.is_file():
+                entry.unlink()
+    os.rename(tree, target)
+
+
 def ensure_rootfs(repo: Path, log: Path, suite: str) -> tuple[Path, float]:
     """The cached `suite` rootfs for PACKAGES and the Makefile's RUNTIME_PACKAGES, built if
     missing; returns (path, seconds spent building)."""
@@ -218,33 +259,16 @@ def ensure_rootfs(repo: Path, log: Path, suite: str) -> tuple[Path, float]:
         build = Path(tempfile.mkdtemp(prefix=f".build-rootfs-{key}-", dir=CACHE_DIR))
         started = time.monotonic()
         try:
-            tree = build / "rootfs"
-            # debootstrap mounts /proc and /sys inside the tree while it installs: in a private
-            # mount namespace, a killed build cannot leave those mounts on the host; in a PID
-            # namespace that dies with `unshare` (--kill-child), none of its processes outlives it.
-            _run(
-                [
-                    *UNSHARE_PRIVATE,
-                    "debootstrap",
-                    f"--variant={VARIANT}",
-                    f"--include={','.join(packages)}",
-                    suite,
-                    str(tree),
-                    mirror,
-                ],
-                log,
+            debootstrap_into(
+                build / "rootfs",
+                target,
+                suite,
+                packages,
+                mirror,
+                must_have=("lib/systemd/systemd", "usr/bin/v2ray", "usr/sbin/NetworkManager", "usr/bin/make"),
+                log=log,
                 timeout=1200,
-                details=tree / "debootstrap" / "debootstrap.log",
             )
-            for needed in ("lib/systemd/systemd", "usr/bin/v2ray", "usr/sbin/NetworkManager", "usr/bin/make"):
-                if not (tree / needed).exists():
-                    raise ImageError(f"the debootstrapped rootfs lacks /{needed}")
-            # apt's package lists and downloaded .debs are not needed (nothing is installed later).
-            for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
-                for entry in (tree / cache).glob("*"):
-                    if entry.is_file():
-                        entry.unlink()
-            os.rename(tree, target)
         finally:
             shutil.rmtree(build, ignore_errors=True)
         return target, time.monotonic() - started
