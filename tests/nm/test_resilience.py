@@ -22,13 +22,19 @@ def default_via_cafe(w: h.World) -> bool:
     return f"default via {h.ROUTER_CAFE} dev {h.CAFE_LINK}" in h.in_ns(w.gw, "ip", "route", "show", "default").stdout
 
 
-def test_recreated_and_renamed_link_stays_proxied(nm_world: h.World) -> None:
-    w = nm_world
+def cafe_proxied(w: h.World) -> h.World:
+    """Starts tproxyd with the café connection up (and set to autoconnect, so NetworkManager
+    brings it back by itself); returns once the café link is proxied."""
     assert w.core is not None
     w.nm.nmcli("connection", "modify", h.CAFE, "connection.autoconnect", "yes")
     w.tproxyd.start()
     w.nm.up(h.CAFE)
     wait_sets(w, {h.CAFE_LINK}, set(), "the café link proxied")
+    return w
+
+
+def test_recreated_and_renamed_link_stays_proxied(nm_world: h.World) -> None:
+    w = cafe_proxied(nm_world)
 
     # Renamed: NetworkManager keeps the connection on the device, and the rules follow the name.
     h.in_ns(w.gw, "ip", "link", "set", h.CAFE_LINK, "down")
@@ -128,12 +134,7 @@ def nm_state(w: h.World) -> int:
 
 
 def test_sleep_networking_off_and_resume(nm_world: h.World) -> None:
-    w = nm_world
-    assert w.core is not None
-    w.nm.nmcli("connection", "modify", h.CAFE, "connection.autoconnect", "yes")
-    w.tproxyd.start()
-    w.nm.up(h.CAFE)
-    wait_sets(w, {h.CAFE_LINK}, set(), "the café link proxied")
+    w = cafe_proxied(nm_world)
 
     # NetworkManager's sleep (what it does on suspend). It leaves software links such as these
     # veths up (a Wi-Fi link would go down: the networking-off case below), so the café link
