@@ -129,32 +129,42 @@ def present(snapshot: Mapping[str, Any]) -> dict[str, Any]:
     props: Mapping[str, Any] | None = snapshot.get("props") if snapshot.get("running") else None
     if props is None:
         status, icon = NOT_RUNNING, _icon(False, None)
-        return {
-            "sensitive": False,
-            "checked": False,
-            "title": TITLE,
-            "status": status,
-            "icon": icon,
-            "accessibleName": f"{HEADER_TITLE}: {status}",
-            "headerTitle": HEADER_TITLE,
-            "headerSubtitle": status,
-            "indicator": {"visible": False, "icon": icon, "warning": False},
-            "rows": [{"kind": "note", "text": "Start it with: systemctl start tproxyd"}],
-        }
+        return _shown(
+            status,
+            icon,
+            sensitive=False,
+            checked=False,
+            indicator={"visible": False, "icon": icon, "warning": False},
+            rows=[{"kind": "note", "text": "Start it with: systemctl start tproxyd"}],
+        )
     status, icon = status_text(props), _icon(True, props)
     enabled = bool(props.get("Enabled"))
     proxying = enabled and props.get("State") != "off"
+    return _shown(
+        status,
+        icon,
+        sensitive=True,
+        checked=enabled,
+        indicator={"visible": proxying, "icon": icon, "warning": proxying and props.get("State") in WARNING_STATES},
+        rows=_link_rows(props, snapshot.get("nmLinks")),
+    )
+
+
+def _shown(
+    status: str, icon: str, *, sensitive: bool, checked: bool, indicator: dict[str, Any], rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The toggle's view: the status text is its title's subtitle and its accessible name too."""
     return {
-        "sensitive": True,
-        "checked": enabled,
+        "sensitive": sensitive,
+        "checked": checked,
         "title": TITLE,
         "status": status,
         "icon": icon,
         "accessibleName": f"{HEADER_TITLE}: {status}",
         "headerTitle": HEADER_TITLE,
         "headerSubtitle": status,
-        "indicator": {"visible": proxying, "icon": icon, "warning": proxying and props.get("State") in WARNING_STATES},
-        "rows": _link_rows(props, snapshot.get("nmLinks")),
+        "indicator": indicator,
+        "rows": rows,
     }
 
 
