@@ -113,8 +113,8 @@ CONFDIR := $(DESTDIR)$(SYSCONFDIR)/tproxyd
 STATEDIR := $(DESTDIR)/var/lib/tproxyd
 EXT_UUID := tproxyd@tproxyd.github.io
 GNOME_EXT := $(DESTDIR)$(PREFIX)/share/gnome-shell/extensions/$(EXT_UUID)
-# Which extension: desktop/gnome-shell/43 (legacy imports: GNOME 43, 44) or 45 (ES modules: 45 and
-# later, also where gnome-shell is not installed). Override: make install GNOME_SHELL_EXT=43.
+# Which extension: 43 (legacy imports: GNOME 43, 44; written by desktop/gnome-shell/make_legacy.py)
+# or 45 (ES modules: 45 and later, also where gnome-shell is not installed). Override: make install GNOME_SHELL_EXT=43.
 GNOME_SHELL_EXT ?= $(shell gnome-shell --version 2>/dev/null | awk '{print ($$3 + 0 > 0 && $$3 + 0 < 45) ? 43 : 45}' | grep . || echo 45)
 EXT_FILES := metadata.json extension.js client.js presentation.js toggle.js stylesheet.css
 # What `make install` puts down, relative to DESTDIR (used by uninstall and the system test).
@@ -146,7 +146,8 @@ install:
 	ln -sf $(PREFIX)/lib/tproxyd/bin/tproxyctl $(DESTDIR)$(PREFIX)/bin/tproxyctl
 	ln -sf $(PREFIX)/lib/tproxyd/bin/tproxyd-toggle $(DESTDIR)$(PREFIX)/bin/tproxyd-toggle
 	install -d $(GNOME_EXT)
-	install -m 0644 $(addprefix desktop/gnome-shell/$(GNOME_SHELL_EXT)/$(EXT_UUID)/,$(EXT_FILES)) $(GNOME_EXT)/
+	# The 43/44 extension's modules are generated from the 45+ ES modules (desktop/README.md).
+	$(if $(filter 43,$(GNOME_SHELL_EXT)),/usr/bin/python3 desktop/gnome-shell/make_legacy.py $(GNOME_EXT),install -m 0644 $(addprefix desktop/gnome-shell/45/$(EXT_UUID)/,$(EXT_FILES)) $(GNOME_EXT)/)
 	# NetworkManager refuses dispatcher scripts that are not root-owned or are group/world-writable.
 	install -D -o root -g root -m 0755 nm-dispatcher/90-tproxyd $(NM_DISPATCHER)/90-tproxyd
 	install -D -m 0644 desktop/tproxyd-toggle.desktop $(DESTDIR)$(PREFIX)/share/applications/tproxyd-toggle.desktop

@@ -77,8 +77,8 @@ def legacy_module(source: str, name: str = "module.js") -> str:
         raise ValueError(f"{name}: an exported class does not end with a `}}` line")
     license_line, *rest = out
     header = [
-        f"// GENERATED from ../../45/{UUID}/{name} by desktop/gnome-shell/make_legacy.py:",
-        "// do not edit (edit the ES module, then run the script).",
+        f"// GENERATED from desktop/gnome-shell/45/{UUID}/{name} by desktop/gnome-shell/make_legacy.py:",
+        "// do not edit (edit the ES module).",
     ]
     body = "\n".join(rest).rstrip()
     return f"{license_line}\n" + "\n".join(header) + f"\n{body}\n\n/* exported {', '.join(exported)} */\n"
@@ -91,21 +91,29 @@ def _convert_import(line: str) -> str | None:
     return None
 
 
+def write_extension(into: Path) -> None:
+    """The complete GNOME 43/44 extension in `into` (created if missing): the hand-written files of
+    LEGACY_DIR and the modules generated from SOURCE_DIR, all mode 0644."""
+    into.mkdir(parents=True, exist_ok=True)
+    written = {name: legacy_module((SOURCE_DIR / name).read_text(), name) for name in MODULES}
+    for hand_written in sorted(LEGACY_DIR.iterdir()):
+        if hand_written.name in written:  # a stale copy would silently win over the ES module
+            raise ValueError(f"{hand_written} is generated from the ES module: remove it")
+        written[hand_written.name] = hand_written.read_text()
+    for name, text in written.items():
+        target = into / name
+        target.write_text(text)
+        target.chmod(0o644)
+
+
 def main(argv: list[str]) -> int:
-    if argv[1:] not in ([], ["--check"]):
+    if len(argv) != 2 or argv[1].startswith("-"):
         print(__doc__, file=sys.stderr)
         return 2
-    stale = []
-    for name in MODULES:
-        wanted = legacy_module((SOURCE_DIR / name).read_text(), name)
-        target = LEGACY_DIR / name
-        if argv[1:] == ["--check"]:
-            if not target.exists() or target.read_text() != wanted:
-                stale.append(str(target))
-        else:
-            target.write_text(wanted)
-    if stale:
-        print(f"out of date: {', '.join(stale)}: run python3 desktop/gnome-shell/make_legacy.py", file=sys.stderr)
+    try:
+        write_extension(Path(argv[1]))
+    except ValueError as error:
+        print(f"make_legacy.py: {error}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 //
 // gjs unit tests of the extensions' pure module (presentation.js): no Shell, no bus.
-//   gjs -m desktop/tests/test_presentation.js            run the tests
-//   gjs -m desktop/tests/test_presentation.js --print    print the table with present()'s output
-//                                                        (to review a wording change, then save it)
+//   gjs -m desktop/tests/test_presentation.js LEGACY_DIR   run the tests
+//   gjs -m desktop/tests/test_presentation.js --print      print the table with present()'s output
+//                                                          (to review a wording change, then save it)
 // Both forms of the module are tested: the ES module (the source, GNOME 45+) and the legacy
-// `imports` copy generated from it for GNOME 43/44 (desktop/gnome-shell/make_legacy.py).
+// `imports` copy generated from it for GNOME 43/44 into LEGACY_DIR, by
+// `python3 desktop/gnome-shell/make_legacy.py LEGACY_DIR`.
 // The same table (presentation_cases.json) is checked against the Python port by
 // tests/desktop/test_presentation.py, so every front end speaks with the same words.
 /* eslint-disable no-restricted-globals */
@@ -16,8 +17,6 @@ import System from 'system';
 import * as ES from '../gnome-shell/45/tproxyd@tproxyd.github.io/presentation.js';
 
 const HERE = GLib.path_get_dirname(GLib.filename_from_uri(import.meta.url)[0]);
-imports.searchPath.unshift(GLib.build_filenamev([HERE, '..', 'gnome-shell', '43', 'tproxyd@tproxyd.github.io']));
-const LEGACY = imports.presentation;
 
 const STATES = ['off', 'starting', 'active', 'degraded', 'blocked', 'failed'];
 
@@ -45,6 +44,13 @@ if (ARGV.includes('--print')) {
     print(JSON.stringify(table, null, 2));
     System.exit(0);
 }
+
+if (ARGV.length !== 1) {
+    printerr('usage: gjs -m test_presentation.js LEGACY_DIR (written by desktop/gnome-shell/make_legacy.py)');
+    System.exit(2);
+}
+imports.searchPath.unshift(ARGV[0]);
+const LEGACY = imports.presentation;
 
 let passed = 0, failed = 0;
 let kind = ''; // the module under test: 'es' or 'legacy'

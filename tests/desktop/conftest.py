@@ -32,10 +32,13 @@ if TYPE_CHECKING:
 REPO = h.REPO
 UUID = "tproxyd@tproxyd.github.io"
 EXTENSIONS = REPO / "desktop" / "gnome-shell"
-LEGACY_EXTENSION = EXTENSIONS / "43" / UUID  # GNOME 43 and 44: legacy imports
 EXTENSION = EXTENSIONS / "45" / UUID  # GNOME 45 and later: ES modules
-# The shells the toggle is tested in: major version -> the extension it loads.
-SHELL_EXTENSIONS = {43: LEGACY_EXTENSION, 48: EXTENSION}
+# GNOME 43 and 44: legacy imports; make_legacy.py writes it from the ES modules and these
+# hand-written files (extension.js, metadata.json, stylesheet.css), as `make install` does.
+LEGACY_SOURCES = EXTENSIONS / "43" / UUID
+MAKE_LEGACY = EXTENSIONS / "make_legacy.py"
+# The shells the toggle is tested in: their major versions (43: the legacy extension, 48: the ES one).
+SHELL_VERSIONS = (43, 48)
 CASES = REPO / "desktop" / "tests" / "presentation_cases.json"
 SHELL_USER = h.GRANTED  # uid 1 "daemon": allowed by the test's polkit rule, like a user in netdev
 NM_POLICY = """\
@@ -59,6 +62,19 @@ def output_dir() -> Path:
 
 def tpg_workdir() -> Path:
     return h.new_workdir("tpg-")
+
+
+def write_legacy_extension(parent: Path) -> Path:
+    """The GNOME 43/44 extension written by make_legacy.py into parent/UUID (what `make install`
+    installs under GNOME 43 and 44)."""
+    extension = parent / UUID
+    support.run(sys.executable, str(MAKE_LEGACY), str(extension), timeout=60)
+    return extension
+
+
+@pytest.fixture(scope="session")
+def legacy_extension(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_legacy_extension(tmp_path_factory.mktemp("legacy-extension"))
 
 
 def _missing_prerequisite() -> str | None:
@@ -211,7 +227,7 @@ def make_daemon(desktop_stack: DesktopStack) -> Iterator[MakeDaemon]:
 # --- GNOME Shell ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=sorted(SHELL_EXTENSIONS), ids=lambda v: f"gnome{v}")
+@pytest.fixture(scope="module", params=SHELL_VERSIONS, ids=lambda v: f"gnome{v}")
 def shell(request: pytest.FixtureRequest, desktop_stack: DesktopStack) -> Iterator[ShellSession]:
     """One headless GNOME Shell per test module and version (43: the host's; 48: Debian 13's in a
     container sharing the session's directories and the private system bus at the same paths),
@@ -223,14 +239,15 @@ def shell(request: pytest.FixtureRequest, desktop_stack: DesktopStack) -> Iterat
     workdir = tpg_workdir()
     with contextlib.ExitStack() as stack:
         prefix: list[str] = []
-        if version != 43:
+        if version == 43:
+            extension = write_legacy_extension(workdir / "legacy-extension")
+        else:
+            extension = EXTENSION
             box_dir = tpg_workdir()
             stack.callback(shutil.rmtree, box_dir, ignore_errors=True)
             box = stack.enter_context(container(box_dir, binds=[workdir, desktop_stack.bus.dir]))
             prefix = box.prefix()
-        session = ShellSession(
-            workdir, desktop_stack.bus.address, SHELL_USER, [SHELL_EXTENSIONS[version]], [UUID], version, prefix
-        )
+        session = ShellSession(workdir, desktop_stack.bus.address, SHELL_USER, [extension], [UUID], version, prefix)
         try:
             session.start()
             yield session

@@ -10,7 +10,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,9 @@ import pytest
 
 from tproxy_service.toggle import presentation as P
 
-from .conftest import CASES, EXTENSION, EXTENSIONS, LEGACY_EXTENSION, REPO, UUID
+from .conftest import CASES, EXTENSION, LEGACY_SOURCES, MAKE_LEGACY, REPO, UUID
 
 GJS_TESTS = REPO / "desktop" / "tests" / "test_presentation.js"
-MAKE_LEGACY = EXTENSIONS / "make_legacy.py"
 # What `make install` installs of an extension (the Makefile's EXT_FILES)
 EXT_FILES = ("metadata.json", "extension.js", "client.js", "presentation.js", "toggle.js", "stylesheet.css")
 TABLE: dict[str, Any] = json.loads(CASES.read_text())
@@ -35,10 +33,12 @@ def gjs() -> str:
     return path
 
 
-def test_gjs_unit_tests_of_the_pure_module() -> None:
+def test_gjs_unit_tests_of_the_pure_module(legacy_extension: Path) -> None:
     """Every State, no links and many links, the service absent, the notifications: the ES module
     and its legacy copy each give exactly the table's output (and the words the issue names)."""
-    proc = subprocess.run([gjs(), "-m", str(GJS_TESTS)], capture_output=True, text=True, timeout=60, cwd="/")
+    proc = subprocess.run(
+        [gjs(), "-m", str(GJS_TESTS), str(legacy_extension)], capture_output=True, text=True, timeout=60, cwd="/"
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
     passed = int(last.split()[0])
@@ -76,12 +76,31 @@ def _make_legacy() -> Any:
     return module
 
 
-def test_the_legacy_modules_are_generated_from_the_es_modules() -> None:
-    """One source: the GNOME 43/44 copies of presentation.js, client.js and toggle.js are exactly
-    what make_legacy.py makes of the ES modules, so a change to one reaches both extensions."""
-    proc = subprocess.run([sys.executable, str(MAKE_LEGACY), "--check"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert _make_legacy().MODULES == ("presentation.js", "client.js", "toggle.js")
+def test_the_legacy_extension_is_written_from_the_es_modules(legacy_extension: Path) -> None:
+    """One source: the GNOME 43/44 extension's presentation.js, client.js and toggle.js are what
+    make_legacy.py makes of the ES modules, so a change to one reaches both extensions; its other
+    files are the hand-written ones in 43/, the only files checked in there."""
+    make_legacy = _make_legacy()
+    assert make_legacy.MODULES == ("presentation.js", "client.js", "toggle.js")
+    for name in make_legacy.MODULES:
+        assert (legacy_extension / name).read_text() == make_legacy.legacy_module((EXTENSION / name).read_text(), name)
+    hand_written = sorted(p.name for p in LEGACY_SOURCES.iterdir())
+    assert hand_written == ["extension.js", "metadata.json", "stylesheet.css"]
+    for name in hand_written:
+        assert (legacy_extension / name).read_text() == (LEGACY_SOURCES / name).read_text()
+    assert {(p.stat().st_mode & 0o777) for p in legacy_extension.iterdir()} == {0o644}
+
+
+def test_the_generator_refuses_a_stale_copy_beside_the_hand_written_files(tmp_path: Path) -> None:
+    """A generated module left in 43/ would be installed instead of the ES module's conversion."""
+    make_legacy = _make_legacy()
+    sources = tmp_path / "43"
+    shutil.copytree(LEGACY_SOURCES, sources)
+    (sources / "client.js").write_text("// an old copy\n")
+    make_legacy.LEGACY_DIR = sources
+    with pytest.raises(ValueError, match=r"client\.js is generated from the ES module: remove it"):
+        make_legacy.write_extension(tmp_path / "out")
+    assert not (tmp_path / "out" / "client.js").exists()
 
 
 def test_the_generator_converts_module_lines_and_nothing_else() -> None:
@@ -99,8 +118,10 @@ def test_the_generator_converts_module_lines_and_nothing_else() -> None:
     )
     me = "imports.misc.extensionUtils.getCurrentExtension().imports"
     assert convert(source, "m.js") == (
-        "// x\n// GENERATED from ../../45/tproxyd@tproxyd.github.io/m.js by desktop/gnome-shell/make_legacy.py:\n"
-        "// do not edit (edit the ES module, then run the script).\n"
+        "// x\n"
+        "// GENERATED from desktop/gnome-shell/45/tproxyd@tproxyd.github.io/m.js"
+        " by desktop/gnome-shell/make_legacy.py:\n"
+        "// do not edit (edit the ES module).\n"
         "const Gio = imports.gi.Gio;\n"
         "const Main = imports.ui.main;\n"
         "const {QuickMenuToggle, SystemIndicator} = imports.ui.quickSettings;\n"
@@ -125,20 +146,21 @@ def test_the_generator_converts_module_lines_and_nothing_else() -> None:
 
 
 @pytest.mark.parametrize(
-    "extension, versions",
-    [(LEGACY_EXTENSION, ["43", "44"]), (EXTENSION, ["45", "46", "47", "48", "49"])],
+    "legacy, versions",
+    [(True, ["43", "44"]), (False, ["45", "46", "47", "48", "49"])],
     ids=["gnome43-44", "gnome45-49"],
 )
-def test_extension_files(extension: Path, versions: list[str]) -> None:
+def test_extension_files(legacy: bool, versions: list[str], legacy_extension: Path) -> None:
     """metadata.json names the directory's uuid and its GNOME versions; both extensions have the
     same files (`make install` installs one set); the legacy one is valid script JavaScript for gjs
     (a syntax error would only show once the shell loads it)."""
+    extension = legacy_extension if legacy else EXTENSION
     meta = json.loads((extension / "metadata.json").read_text())
     assert meta["uuid"] == UUID == extension.name
     assert meta["shell-version"] == versions
     assert sorted(p.name for p in extension.iterdir()) == sorted(EXT_FILES)
-    assert (extension / "stylesheet.css").read_text() == (LEGACY_EXTENSION / "stylesheet.css").read_text()
-    if extension == LEGACY_EXTENSION:
+    assert (extension / "stylesheet.css").read_text() == (legacy_extension / "stylesheet.css").read_text()
+    if legacy:
         script = (
             "const {GLib} = imports.gi; for (const f of ARGV) {"
             " const [, b] = GLib.file_get_contents(f); new Function(new TextDecoder().decode(b)); }"
@@ -200,10 +222,16 @@ def test_make_install_picks_the_extension_for_the_installed_shell(
         env={"PATH": str(bin_dir)}, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    installs = [line for line in proc.stdout.splitlines() if line.startswith("install -m 0644 desktop/gnome-shell/")]
-    assert len(installs) == 1, proc.stdout
-    files = installs[0].split()[3:-1]
-    assert files == [f"desktop/gnome-shell/{chosen}/{UUID}/{name}" for name in EXT_FILES]
+    lines = proc.stdout.splitlines()
+    installs = [line for line in lines if line.startswith("install -m 0644 desktop/gnome-shell/")]
+    generates = [line for line in lines if "make_legacy.py" in line]
+    target = f"{tmp_path / 'root'}/usr/share/gnome-shell/extensions/{UUID}"
+    if chosen == "43":  # written by the generator, from the ES modules and 43/'s hand-written files
+        assert not installs and generates == [f"/usr/bin/python3 desktop/gnome-shell/make_legacy.py {target}"]
+    else:
+        assert not generates and len(installs) == 1, proc.stdout
+        sources = [f"desktop/gnome-shell/45/{UUID}/{name}" for name in EXT_FILES]
+        assert installs[0].split()[3:] == [*sources, f"{target}/"]
 
 
 def test_fallback_desktop_file() -> None:

@@ -5,8 +5,8 @@
 // imports it as an ES module.
 //
 // This file is the one source: the GNOME 43/44 extension's copy (legacy `imports` style) is
-// generated from it by `python3 desktop/gnome-shell/make_legacy.py` (a test checks the two
-// agree). Only `export const` and `export function` may export: the generator turns them into
+// generated from it at build time by `python3 desktop/gnome-shell/make_legacy.py DIR` (make
+// install, the tests). Only `export const` and `export function` may export: the generator turns them into
 // `var` and `function`, which legacy `imports` exports.
 //
 // The Python fallback (tproxy_service/toggle/presentation.py) is a line-by-line port; both are
