@@ -31,6 +31,7 @@ class Coalescer:
         self._wake = asyncio.Event()
         self._done = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def request(self, reason: str) -> int:
         self._reasons.append(reason)
@@ -47,23 +48,33 @@ class Coalescer:
 
     async def stop(self) -> None:
         if self._task is not None:
+            # The flag, not only cancel(): a run may end with another error instead of
+            # CancelledError (dbus-fast fails a pending call with EOFError when its connection
+            # closes), and the loop would then go on and never end.
+            self._stopping = True
+            self._wake.set()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             await self._wake.wait()
+            if self._stopping:
+                return
             self._wake.clear()
             ticket = self._requested
             reasons, self._reasons = self._reasons, []
             try:
                 await self._run(reasons)
             except Exception:  # a bug must not kill the loop (and leave waiters hanging)
-                log.exception("%s: run crashed", self._name)
+                if self._stopping:  # e.g. the bus connection closed under a pending call
+                    log.debug("%s: run ended by the stop", self._name, exc_info=True)
+                else:
+                    log.exception("%s: run crashed", self._name)
             async with self._done:
                 self._completed = ticket
                 self._done.notify_all()
-            if self._after is not None:
+            if self._after is not None and not self._stopping:
                 await self._after()

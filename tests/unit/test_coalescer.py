@@ -61,3 +61,29 @@ def test_a_crashing_run_releases_its_waiters_and_the_loop_goes_on() -> None:
 async def _until(condition: object) -> None:
     while not condition():  # type: ignore[operator]
         await asyncio.sleep(0)
+
+
+def test_stop_ends_the_loop_even_when_the_run_turns_the_cancellation_into_an_error() -> None:
+    """dbus-fast fails a pending call with EOFError when its connection closes: a run cancelled
+    at that moment ends with that error, not CancelledError. stop() must still end the loop (it
+    used to wait for it forever, and tproxyd never exited on SIGTERM)."""
+
+    async def body() -> None:
+        started = asyncio.Event()
+
+        async def job(reasons: list[str]) -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()  # a D-Bus call that never answers
+            except asyncio.CancelledError:
+                raise EOFError from None  # what the closed connection's reader delivers instead
+
+        loop = Coalescer(job, "test")
+        loop.start()
+        loop.request("a")
+        await asyncio.wait_for(started.wait(), 10)
+        stopping = asyncio.ensure_future(loop.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=10)
+        assert done, "stop() never returned: the loop went on after its cancellation"
+
+    run(body)
