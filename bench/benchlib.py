@@ -28,6 +28,7 @@ from tproxy_service.desired import RESERVED
 from tproxy_service.model import AddressSet, Interval, NftState, TproxySettings
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 PYTHON = sys.executable
 TPROXYD = str(Path(PYTHON).parent / "tproxyd")
 NS_PREFIX = "tpb-"
@@ -283,6 +284,17 @@ class Report:
 
     def markdown(self) -> str:
         return f"## {self.title}\n\n{self.body.strip()}\n"
+
+
+def save_results(name: str, data: dict[str, Any]) -> Report:
+    """Write the raw results to bench/results/NAME.json; the report is bench/render.py's table of them
+    (the one renderer), printed by a benchmark run on its own."""
+    import render
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"benchmark": name, **data}, indent=1) + "\n")
+    text, goals = getattr(render, name)(data)
+    return Report(name, text, [Goal(*g) for g in goals])
 
 
 def print_report(report: Report) -> None:

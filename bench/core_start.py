@@ -46,7 +46,6 @@ import random
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import Goal, Report, bench_main, log, ms, require_root, table
+from benchlib import Report, bench_main, log, require_root, save_results
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
@@ -72,7 +71,6 @@ from tests.e2e.usermanager import UserManager  # noqa: E402
 from tests.integration.harness import PrivateBus, plain  # noqa: E402
 from tests.tproxyd_config import write_config  # noqa: E402
 
-GOAL_MS = 1000.0
 MAX_REPEATS = 25  # per part; the unit's start limit is 30 starts in 60 s
 UNIT = "tproxyd-core.service"
 SHIPPED_UNIT = ROOT / "systemd" / UNIT
@@ -661,184 +659,25 @@ def run(args: argparse.Namespace) -> Report:
             shutil.rmtree(workdir, ignore_errors=True)
     if tproxyd_rc != 0:
         lab.notes.append(f"tproxyd exited with {tproxyd_rc} on SIGTERM")
-    return render(args, starts, kills, restart_usec, restart_shown, lab.notes)
+    data = {
+        "policy": args.policy,
+        "interval_ms": args.interval,
+        "restart_usec": restart_usec,
+        "restart_shown": restart_shown,
+        "starts": _named(starts),
+        "kills": _named(kills),
+        "notes": lab.notes,
+    }
+    return save_results("core_start", data)
 
 
-# --- the report ----------------------------------------------------------------------------------
-
-
-def _col(samples: list[dict[str, Any]], key: str) -> list[float]:
-    return [s[key] for s in samples if s.get(key) is not None]
-
-
-def _spread(values: Sequence[float]) -> list[str]:
-    if not values:
-        return ["-", "-", "-"]
-    return [ms(statistics.median(values)), ms(min(values)), ms(max(values))]
-
-
-def _phases(samples: list[dict[str, Any]], steps: Sequence[tuple[str, str, str]]) -> list[list[str]]:
-    """Rows of (phase, p50/min/max of end - start); `""` as start means t0."""
-    rows = []
-    for label, start, end in steps:
-        values = [
-            s[end] - (s[start] if start else 0.0)
-            for s in samples
-            if s.get(end) is not None and (not start or s.get(start) is not None)
-        ]
-        rows.append([label, str(len(values)), *_spread(values)])
-    return rows
-
-
-def _attempts(samples: list[dict[str, Any]]) -> str:
-    kinds: dict[str, int] = {}
-    for s in samples:
-        for kind, count in s["attempts"].items():
-            kinds[kind] = kinds.get(kind, 0) + count
+def _named(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The samples with their connection attempts keyed by what answered (direct/proxied) or the error."""
     names = {CLIENT: "direct", GW_WAN: "proxied"}
-    return ", ".join(f"{names.get(k, k.removeprefix('error:'))} {v}" for k, v in sorted(kinds.items()))
-
-
-def render(
-    args: argparse.Namespace,
-    starts: list[dict[str, Any]],
-    kills: list[dict[str, Any]],
-    restart_usec: int,
-    restart_shown: str,
-    notes: list[str],
-) -> Report:
-    headers = ["phase (from t0 unless stated)", "n", "p50 ms", "min ms", "max ms"]
-    start_total = _col(starts, "total")
-    kill_total = _col(kills, "total")
-    restart_ms = restart_usec / 1000
-    start_rows = [["**EnableLink -> first proxied connection**", str(len(start_total)), *_spread(start_total)]]
-    start_rows += _phases(
-        starts,
-        [
-            ("EnableLink reply", "", "reply"),
-            ("-> unit leaves inactive, ExecStartPre (`v2ray -test`) begins", "", "pre_start"),
-            ("ExecStartPre run", "pre_start", "pre_exit"),
-            ("ExecStartPre exit -> core exec'd (ExecMainStart)", "pre_exit", "main"),
-            ("core exec'd -> core listening, IPv4 and IPv6 (v2ray's own start)", "main", "listening"),
-            ("core listening -> tproxyd State=active (readiness check, diversion on)", "listening", "state_active"),
-            ("State=active -> first proxied reply", "state_active", "total"),
-            ("(stop: SetEnabled(false) -> unit inactive)", "", "stop"),
-        ],
-    )
-    kill_rows = [["**SIGKILL -> first proxied connection again**", str(len(kill_total)), *_spread(kill_total)]]
-    kill_rows += _phases(
-        kills,
-        [
-            ("-> unit failed (its PropertiesChanged received)", "", "failed"),
-            (f"unit failed -> restart timer fired, unit dead (RestartSec = {restart_ms:g} ms)", "failed", "dead"),
-            ("unit dead -> ExecStartPre begins", "dead", "pre_start"),
-            ("ExecStartPre run", "pre_start", "pre_exit"),
-            ("ExecStartPre exit -> core exec'd", "pre_exit", "main"),
-            ("core exec'd -> core listening, IPv4 and IPv6", "main", "listening"),
-            ("core listening -> tproxyd State=active", "listening", "state_active"),
-            ("State=active -> first proxied reply", "state_active", "total"),
-            (f"-> tproxyd State={'degraded' if args.policy == 'open' else 'blocked'}", "", "outage_state"),
-        ]
-        + ([("-> first direct reply (open policy)", "", "first_direct")] if args.policy == "open" else []),
-    )
-    kill_p50 = statistics.median(kill_total)
-    waits = [s["dead"] - s["failed"] for s in kills if s.get("dead") is not None and s.get("failed") is not None]
-    wait_p50 = statistics.median(waits) if waits else float("nan")
-    waits_text = ", ".join(f"{w:.0f}" for w in sorted(waits))
-    start_p50 = statistics.median(start_total)
-    sequences = sorted({" -> ".join(s["states"]) for s in starts})
-    kill_sequences = sorted({" -> ".join(s["states"]) for s in kills})
-    sub_sequences = sorted({" -> ".join(s["sub_states"]) for s in kills})
-    body = f"""\
-The shipped `systemd/tproxyd-core.service` run by a real `systemd --user` manager, joined to the
-gateway namespace by a drop-in, real v2ray, tproxyd driven over a private bus (the stack of
-tests/e2e/test_core.py, imported from the test harnesses; namespaces `tpc-*`). A prober in the
-client namespace opens a fresh TCP connection to a server one hop behind the gateway every
-{args.interval:g} ms and sends an HTTP GET; a connection counts as proxied when the server names the
-gateway's address (v2ray's outbound), not the client's. t0 is taken right before the trigger; a
-sample ends at the first proxied reply to a connection opened at or after t0. Phases come from
-systemd's monotonic unit timestamps (`InactiveEnter`, `ExecStartPre`, `ExecMainStart`), from
-tproxyd's PropertiesChanged signals and from a watch of the gateway's socket tables (every 2 ms),
-all on the same clock. Failure policy `{args.policy}`;
-`bench/core_start.py --starts {args.starts} --kills {args.kills} --policy {args.policy}`.
-
-**Core start**: core unit inactive, State `off`, then `EnableLink(tpc-lan, lan)`. Between repeats
-`SetEnabled(false)` stops the core, and `DisableLink` + `SetEnabled(true)` re-arm (nothing to
-proxy, the core stays stopped).
-
-{table(headers, start_rows)}
-
-**Core killed**: SIGKILL of the unit's MainPID while traffic is proxied; systemd restarts it
-(`Restart=on-failure`, `RestartSec` = `{restart_shown}` from `systemctl --user show -p RestartUSec`).
-Each kill comes 0.3 s + a random 0-250 ms after the previous recovery (see the RestartSec note).
-
-{table(headers, kill_rows)}
-
-- **RestartSec share**: the unit's RestartSec ({restart_ms:g} ms) is {restart_ms / kill_p50:.0%} of the
-  {ms(kill_p50)} ms p50. The hold-off systemd actually applied (unit failed -> restart timer fired) was
-  {ms(wait_p50)} ms p50 ({wait_p50 / kill_p50:.0%} of the p50; every sample, sorted: {waits_text} ms):
-  RestartSec plus 0-250 ms, consistent with systemd arming the restart timer with sd-event's
-  default 250 ms accuracy (it coalesces wake-ups): `RestartSec={restart_shown}` behaves as
-  {restart_ms:g}-{restart_ms + 250:g} ms.
-  The rest is ExecStartPre (`v2ray -test`), the core's own start until it listens, tproxyd's
-  readiness check and diversion, and the prober's {args.interval:g} ms polling step.
-- tproxyd's State after EnableLink: {"; ".join(sequences)}. After a kill: {"; ".join(kill_sequences)}.
-  The unit's SubState after a kill (signals as received): {"; ".join(sub_sequences) or "-"}.
-- Connection attempts after t0, all samples: start: {_attempts(starts)}; kill: {_attempts(kills)}.
-"""
-    resets = sum(n for s in starts + kills for k, n in s["attempts"].items() if k == "error:ConnectionResetError")
-    if resets:
-        body += (
-            f"- {resets} connection(s) opened after t0 were reset. tproxyd's proxy chain diverts every non-reply "
-            "packet arriving on a lan link, established flows included, so a connection that went direct just "
-            "before the diversion came (back) on has its next packets delivered to the core's listening socket, "
-            "which answers with a RST. (Checked separately: a direct connection established before EnableLink, "
-            "or during a core outage under the open policy, is reset once the core is ready.)\n"
-        )
-    premature = [
-        s for s in starts + kills if s.get("state_active") is not None and s["state_active"] < s["not_listening"]
+    return [
+        {**s, "attempts": {names.get(k, k.removeprefix("error:")): n for k, n in s["attempts"].items()}}
+        for s in samples
     ]
-    if premature:
-        notes.append(
-            f"{len(premature)} sample(s): tproxyd reported State=active before a poll of the gateway's socket "
-            "tables that still saw the core not listening on TCP for both families"
-        )
-    lagged = [
-        s
-        for s in starts + kills
-        if s.get("state_active") is not None and s["not_listening"] <= s["state_active"] < s["listening"]
-    ]
-    if lagged:
-        body += (
-            f"- {len(lagged)} sample(s) have a negative 'core listening -> State=active' phase: the socket-table "
-            "watch (a process polling every 2 ms) saw the sockets late, but its previous poll, which saw the core "
-            "not listening, came before State=active (tproxyd never reported active while that poll saw the "
-            "core not listening on both families; such a sample would be listed as odd below).\n"
-        )
-    early = [s for s in starts + kills if s.get("state_active") is not None and s["total"] < s["state_active"]]
-    if early:
-        body += (
-            f"- {len(early)} sample(s) saw a proxied reply before tproxyd's State=active (negative phase above): "
-            "with failure_policy `closed` the diversion stays in place while the core is starting or down, "
-            "so connections reach the core as soon as it listens, before tproxyd's readiness check.\n"
-        )
-    if notes:
-        body += "\nOdd things seen in this run:\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    goals = [
-        Goal(
-            "core start: EnableLink -> first proxied connection, p50",
-            f"<= {GOAL_MS:.0f} ms",
-            f"{ms(start_p50)} ms",
-            start_p50 <= GOAL_MS,
-        ),
-        Goal(
-            "core SIGKILL -> proxied again, p50 (and its RestartSec share)",
-            "reported (issue 4 sets no target)",
-            f"{ms(kill_p50)} ms; RestartSec {restart_ms:g} ms = {restart_ms / kill_p50:.0%}",
-            True,
-        ),
-    ]
-    return Report("Core start and recovery (issue 4)", body, goals)
 
 
 def _worker(params: dict[str, Any]) -> dict[str, Any]:

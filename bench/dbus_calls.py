@@ -9,8 +9,11 @@ desktop user with a rules file takes). Measured:
     reconcile pass with a netlink set-element update, an fsync'ed save); goal p50 <= 10 ms,
     p99 <= 30 ms;
   * Properties.GetAll: goal p50 <= 2 ms;
+  * EnableLink + DisableLink as root while polkitd is stopped (SIGSTOP): root is allowed without
+    asking polkit, so a hung polkitd must not slow it down;
   * calls/s with 10 concurrent clients, each toggling its own present link.
-Every measurement is repeated (--runs); tables give min / median / max over the runs.
+Every measurement is repeated (--runs); the raw samples go to bench/results/dbus_calls.json and
+bench/render.py makes the table (all runs pooled, and each run's median).
 
 Run as root: .venv/bin/python bench/dbus_calls.py [--pairs 300] [--getall 1000] [--runs 3]
 """
@@ -19,15 +22,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import statistics
+import signal
+import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchlib import Goal, Report, bypass_lines, log, ms, print_report, require_root, summarize, table
+from benchlib import Report, bypass_lines, log, print_report, require_root, save_results
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -43,6 +48,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=300, help="EnableLink+DisableLink pairs per run (default 300)")
     parser.add_argument("--getall", type=int, default=1000, help="GetAll calls per run (default 1000)")
     parser.add_argument("--parallel-pairs", type=int, default=50, help="pairs per client, 10 clients (default 50)")
+    parser.add_argument(
+        "--hung-pairs", type=int, default=25, help="pairs per run as root with polkitd stopped (default 25)"
+    )
     parser.add_argument("--runs", type=int, default=3, help="repetitions of every measurement (default 3)")
     return parser.parse_args(argv)
 
@@ -125,9 +133,16 @@ def run_client(user: h.User, bus: h.PrivateBus, params: dict[str, Any]) -> dict[
 # --- the parent: stack, daemon, measurements ------------------------------------------------------
 
 
-def _spread(values: Sequence[float], unit: str = "ms") -> str:
-    fmt = ms if unit == "ms" else (lambda v: f"{v:.0f}")
-    return f"{fmt(min(values))} / {fmt(statistics.median(values))} / {fmt(max(values))}"
+@contextlib.contextmanager
+def stopped(proc: subprocess.Popen[bytes] | None) -> Iterator[None]:
+    """polkitd hung (SIGSTOP) for the block, resumed whatever happens."""
+    if proc is None:
+        raise RuntimeError("polkitd is not running")
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGCONT)
 
 
 def run(args: argparse.Namespace) -> Report:
@@ -149,61 +164,25 @@ def run(args: argparse.Namespace) -> Report:
             elements = daemon.netns.exec("nft", "list", "set", "inet", "tproxyd", "bypass4").stdout.count("/24")
             if elements < BYPASS_V4:
                 raise RuntimeError(f"only {elements} /24s in bypass4; the list was not loaded")
-            results: dict[str, list[dict[str, float]]] = {}
+            runs: list[dict[str, Any]] = []
             for run_no in range(args.runs):
                 log(f"dbus_calls: run {run_no + 1}/{args.runs}")
-                for user in (h.ROOT, h.GRANTED):
-                    toggle = run_client(user, stack.bus, {"mode": "toggle", "link": h.LINK_B, "pairs": args.pairs})
-                    stats = summarize(toggle["samples"])
-                    results.setdefault(f"toggle-{user.name}", []).append(
-                        {"p50": stats.median, "p99": stats.p99, "min": stats.min, "max": stats.max}
-                    )
-                getall = summarize(run_client(h.PLAIN, stack.bus, {"mode": "getall", "count": args.getall})["samples"])
-                results.setdefault("getall", []).append({"p50": getall.median, "p99": getall.p99})
-                parallel = run_client(
-                    h.ROOT, stack.bus, {"mode": "parallel", "links": links, "pairs": args.parallel_pairs}
-                )
-                results.setdefault("parallel", []).append({"rate": parallel["calls"] / parallel["seconds"]})
+                toggle = {"mode": "toggle", "link": h.LINK_B, "pairs": args.pairs}
+                result: dict[str, Any] = {
+                    f"toggle-{user.name}": run_client(user, stack.bus, toggle)["samples"]
+                    for user in (h.ROOT, h.GRANTED)
+                }
+                result["getall"] = run_client(h.PLAIN, stack.bus, {"mode": "getall", "count": args.getall})["samples"]
+                with stopped(stack.polkit.proc):
+                    hung = {**toggle, "pairs": args.hung_pairs}
+                    result["hung-root"] = run_client(h.ROOT, stack.bus, hung)["samples"]
+                parallel = {"mode": "parallel", "links": links, "pairs": args.parallel_pairs}
+                throughput = run_client(h.ROOT, stack.bus, parallel)
+                result["parallel_calls"], result["parallel_s"] = throughput["calls"], throughput["seconds"]
+                runs.append(result)
             rss = daemon.rss_kb()
-    return render(results, args, rss)
-
-
-def render(results: dict[str, list[dict[str, float]]], args: argparse.Namespace, rss_kb: int) -> Report:
-    def col(key: str, field: str) -> list[float]:
-        return [r[field] for r in results[key]]
-
-    rows = []
-    for user in (h.ROOT, h.GRANTED):
-        key = f"toggle-{user.name}"
-        who = "root" if user is h.ROOT else f"{user.name} (granted by a polkit JS rule)"
-        rows.append([f"EnableLink/DisableLink, {who}", _spread(col(key, "p50")), _spread(col(key, "p99")),
-                     _spread(col(key, "max"))])  # fmt: skip
-    rows.append(["Properties.GetAll, nobody", _spread(col("getall", "p50")), _spread(col("getall", "p99")), "-"])
-    rate = col("parallel", "rate")
-    body = f"""\
-tproxyd with {BYPASS_V4:,} IPv4 + {BYPASS_V6:,} IPv6 bypass entries from a `[bypass] files` list, on a
-private system bus with the real polkitd (`bench/dbus_calls.py --pairs {args.pairs} --getall {args.getall}
---parallel-pairs {args.parallel_pairs} --runs {args.runs}`). Each call is timed from a client
-process; every EnableLink/DisableLink is a polkit check, a reconcile pass with a netlink
-set-element update and an fsync'ed save of the choices. Cells are min / median / max over
-{args.runs} runs ({2 * args.pairs} toggle samples and {args.getall} GetAll samples per run).
-
-{table(["call", "p50 (ms)", "p99 (ms)", "max (ms)"], rows)}
-
-Throughput, {PARALLEL_CLIENTS} concurrent clients (one connection each, each toggling its own link,
-{2 * args.parallel_pairs} calls each): {_spread(rate, "rate")} calls/s (min / median / max).
-Changes are serialized in the daemon (each waits for the pass that applies it), so this is the
-rate of applied, saved changes. tproxyd's RSS at the end: {rss_kb / 1024:.0f} MB.
-"""
-    root_p50 = statistics.median(col(f"toggle-{h.ROOT.name}", "p50"))
-    root_p99 = statistics.median(col(f"toggle-{h.ROOT.name}", "p99"))
-    getall_p50 = statistics.median(col("getall", "p50"))
-    goals = [
-        Goal("EnableLink/DisableLink p50 (100k bypass)", "<= 10 ms", f"{ms(root_p50)} ms", root_p50 <= 10),
-        Goal("EnableLink/DisableLink p99 (100k bypass)", "<= 30 ms", f"{ms(root_p99)} ms", root_p99 <= 30),
-        Goal("GetAll p50", "<= 2 ms", f"{ms(getall_p50)} ms", getall_p50 <= 2),
-    ]
-    return Report("D-Bus calls (issue 3)", body, goals)
+    data = {"runs": runs, "clients": PARALLEL_CLIENTS, "parallel_pairs": args.parallel_pairs, "rss_kb": rss}
+    return save_results("dbus_calls", data)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -19,8 +19,11 @@ group, and `--cycles` times runs `nmcli connection up` / `down`. Per cycle, on t
     done (~30 ms here, seen on the bus).
 Anchors (their reaction models, not measured here): sing-box debounces network changes 1 s;
 v2rayA polls every 3 s (median 1.5 s).
+Then the shipped dispatcher script (nm-dispatcher/90-tproxyd) is run `--dispatcher` times with
+tproxyd running, hung (SIGSTOP) and stopped: the time until it returns (NetworkManager waits for it).
 
-Run as root: .venv/bin/python bench/nm_reaction.py [--cycles 50] [--bypass 100000]
+Raw samples: bench/results/nm_reaction.json; bench/render.py makes the tables.
+Run as root: .venv/bin/python bench/nm_reaction.py [--cycles 50] [--bypass 100000] [--dispatcher 20]
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import select
+import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -36,16 +41,12 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import (
-    Goal,
     Report,
     bench_main,
     bypass_lines,
     log,
-    ms,
-    ratio,
     run_worker,
-    summarize,
-    table,
+    save_results,
 )
 
 from tproxy_service.kernel.netlink_wire import messages, parse_attrs
@@ -53,8 +54,6 @@ from tproxy_service.kernel.netlink_wire import messages, parse_attrs
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the world of tests/nm is the benchmark's setup
 
-GOAL_P50_MS, GOAL_P99_MS = 50.0, 200.0
-ANCHORS = (("sing-box", "debounces 1 s after a change", 1000.0), ("v2rayA", "polls every 3 s (median 1.5 s)", 1500.0))
 NETLINK_NETFILTER, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES = 12, 270, 1, 7
 NFT_NEWSETELEM, NFT_DELSETELEM = (10 << 8) | 12, (10 << 8) | 14
 NFTA_SET_ELEM_LIST_SET = 2
@@ -65,6 +64,9 @@ PREPARE, ACTIVATED, DEACTIVATING = 40, 100, 110
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cycles", type=int, default=50, help="up/down cycles (default 50)")
+    parser.add_argument(
+        "--dispatcher", type=int, default=20, help="dispatcher script runs per tproxyd state (default 20)"
+    )
     parser.add_argument("--bypass", type=int, default=100_000, help="IPv4 /24s in the bypass file (default 100000)")
     return parser.parse_args(argv)
 
@@ -197,6 +199,47 @@ async def worker_async(params: dict[str, Any]) -> dict[str, Any]:
     return {"samples": samples, "missed": missed}
 
 
+def dispatcher_returns(world: Any, runs: int) -> dict[str, list[float]]:
+    """How long the shipped NetworkManager dispatcher script takes to return (ms), with tproxyd
+    running, hung (SIGSTOP) and stopped. It must never delay NetworkManager: its call runs in the
+    background, so the three should not differ."""
+    from tests.nm import harness as h
+
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DBUS_SYSTEM_BUS_ADDRESS": world.bus.address}
+    sessions: list[int] = []
+
+    def script_ms() -> float:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            [str(h.DISPATCHER_SCRIPT), h.CAFE_LINK, "up"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        if proc.wait(timeout=10) != 0:
+            raise RuntimeError(f"the dispatcher script exited with {proc.returncode}")
+        sessions.append(proc.pid)
+        return (time.perf_counter() - start) * 1000
+
+    def settled() -> None:  # every background call answered or timed out (2 s)
+        h.wait_until(lambda: not any(h.session_alive(s) for s in sessions), 15, "the script's background calls")
+
+    samples = {"running": [script_ms() for _ in range(runs)]}
+    settled()
+    world.tproxyd.proc.send(signal.SIGSTOP)
+    try:
+        samples["hung"] = [script_ms() for _ in range(runs)]
+    finally:
+        world.tproxyd.proc.send(signal.SIGCONT)
+    settled()
+    world.tproxyd.stop()
+    samples["stopped"] = [script_ms() for _ in range(runs)]
+    settled()
+    return samples
+
+
 # --- parent ----------------------------------------------------------------------------------------
 
 
@@ -226,64 +269,12 @@ def run(args: argparse.Namespace) -> Report:
             "cycles": args.cycles,
         }
         result = run_worker(world.gw, __file__, params)
+        result["dispatcher"] = dispatcher_returns(world, args.dispatcher)
     finally:
         problems = world.close()
         if problems:
             log("nm_reaction: cleanup problems: " + "; ".join(problems))
-    return render(result, args, ready)
-
-
-def render(result: dict[str, Any], args: argparse.Namespace, ready: float) -> Report:
-    rows, goals = [], []
-    labels = {
-        "activated": "ACTIVATED signal -> link in host_links (signed)",
-        "first": "first signal (prepare) -> link in host_links",
-        "released": "DEACTIVATING signal -> link out of host_links",
-    }
-    anchor_heads = [f"p50 / {name} ({value / 1000:g} s)" for name, _model, value in ANCHORS]
-    for key, label in labels.items():
-        s = summarize(result["samples"][key])
-        rows.append(
-            [
-                label,
-                str(s.n),
-                ms(s.min) if s.min >= 0 else f"{s.min:.1f}",
-                _signed(s.median),
-                _signed(s.p99),
-                _signed(s.max),
-                *(ratio(max(s.median, 0.001) / v) for _n, _m, v in ANCHORS),
-            ]
-        )
-    late = [max(0.0, v) for v in result["samples"]["activated"]]
-    s = summarize(late)
-    goals.append(
-        Goal("NM ACTIVATED -> rules, p50", f"<= {GOAL_P50_MS:.0f} ms", f"{ms(s.median)} ms", s.median <= GOAL_P50_MS)
-    )
-    goals.append(
-        Goal("NM ACTIVATED -> rules, p99", f"<= {GOAL_P99_MS:.0f} ms", f"{ms(s.p99)} ms", s.p99 <= GOAL_P99_MS)
-    )
-    anchors = table(["anchor", "reaction model", "p50 ms"], [[n, m, f"{v:.0f}"] for n, m, v in ANCHORS])
-    body = "\n\n".join(
-        [
-            f"A real NetworkManager 1.42 and tproxyd in the tests/nm sandbox, {args.bypass:,} IPv4 + 2,000 "
-            f'IPv6 bypass CIDRs loaded (daemon start to ready: {ready:.2f} s), policy `id = "tpn-cafe"`, '
-            f'`mode = "host"`. {args.cycles} `nmcli connection up`/`down` cycles; {result["missed"]} steps '
-            "missed an event within 10 s. Times are between the arrival of NetworkManager's "
-            "Device.StateChanged signal at a bus client and the nf_tables set-element event, on one "
-            "clock. tproxyd diverts a link from the moment its connection starts activating (first "
-            "signal -> rules); these static-address veth connections reach ACTIVATED within ~5 ms of "
-            "that, so the rules follow ACTIVATED by a few ms here, while a Wi-Fi or DHCP activation "
-            "(hundreds of ms) has them in place long before. Release waits for NetworkManager to "
-            "answer tproxyd's re-read, which it does once its deactivation work is done.",
-            table(["event", "n", "min ms", "p50 ms", "p99 ms", "max ms", *anchor_heads], rows),
-            anchors,
-        ]
-    )
-    return Report("Reaction to NetworkManager", body, goals)
-
-
-def _signed(value: float) -> str:
-    return ms(value) if value >= 0 else f"{value:.1f}"
+    return save_results("nm_reaction", {**result, "bypass": args.bypass, "cycles": args.cycles, "ready_s": ready})
 
 
 def main(argv: Sequence[str]) -> int:

@@ -29,30 +29,24 @@ from typing import Any
 
 from benchlib import (
     Daemon,
-    Goal,
     Report,
     bench_main,
     bypass_lines,
     log,
-    ms,
     netns,
-    ratio,
     run_worker,
+    save_results,
     sh,
-    summarize,
-    table,
     write_config,
 )
 
 from tproxy_service.kernel.netlink_wire import NLMSG_ERROR, NLMSGHDR, attr, iter_attrs, messages, parse_attrs
 
-GOAL_MS = 20.0
 LINK = "lan0"
 PEER = "lanp0"
 ADDRESS = "198.51.100.1"
 PREFIX = 24
 SET_NAME = b"local4\0"
-ANCHORS = (("sing-box", "debounces 1 s after a change", 1000.0), ("v2rayA", "polls every 3 s (median 1.5 s)", 1500.0))
 
 NETLINK_ROUTE = 0
 NETLINK_NETFILTER = 12
@@ -196,47 +190,7 @@ def run(args: argparse.Namespace) -> Report:
             result = run_worker(ns, __file__, {"cycles": args.cycles})
         finally:
             daemon.stop()
-    return render(result, args, ready)
-
-
-def render(result: dict[str, Any], args: argparse.Namespace, ready: float) -> Report:
-    rows = []
-    goals = []
-    for op, what in (("add", "address added -> in local4"), ("remove", "address removed -> out of local4")):
-        s = summarize(result["samples"][op])
-        anchor_ratios = [ratio(s.median / value) for _name, _model, value in ANCHORS]
-        rows.append([what, str(s.n), str(result["missed"][op]), ms(s.min), ms(s.median), ms(s.p99), ms(s.max)])
-        rows[-1] += anchor_ratios
-        if op == "add":
-            goals.append(
-                Goal("reaction, address added, p50", f"<= {GOAL_MS:.0f} ms", f"{ms(s.median)} ms", s.median <= GOAL_MS)
-            )
-    notes = []
-    for op in ("add", "remove"):
-        s = summarize(result["samples"][op])
-        if s.max > 5 * s.median:
-            notes.append(
-                f"- {op}: p50 {ms(s.median)} ms but max {ms(s.max)} ms: isolated outliers. Not attributed "
-                "per sample here; in a separate run with the daemon's gc callbacks logged, a 95 ms "
-                "outlier coincided with a 93 ms gen-2 garbage collection in the daemon, whose heap "
-                "holds the ~200k long-lived bypass `Interval` objects (other processes on this 2-core "
-                "machine can also cause them)."
-            )
-    anchor_heads = [f"p50 / {name} ({value / 1000:g} s)" for name, _model, value in ANCHORS]
-    anchors = table(["anchor", "reaction model", "p50 ms"], [[n, m, f"{v:.0f}"] for n, m, v in ANCHORS])
-    body = "\n\n".join(
-        [
-            f"tproxyd running in a namespace with {args.bypass:,} IPv4 + 2,000 IPv6 bypass CIDRs, link "
-            f"`{LINK}` in `lan` mode (daemon start to `tproxyd ready`: {ready:.2f} s). t0 is taken right "
-            "before the RTM_NEWADDR/RTM_DELADDR `send()` on a raw rtnetlink socket; the end is the "
-            "arrival of the NEWSETELEM/DELSETELEM event for `local4` with that /24 on the nf_tables "
-            "multicast group. Timeouts after 5 s are counted as missed.",
-            table(["event", "n", "missed", "min ms", "p50 ms", "p99 ms", "max ms", *anchor_heads], rows),
-            anchors,
-            *notes,
-        ]
-    )
-    return Report("Reaction to an address change", body, goals)
+    return save_results("reaction", {**result, "bypass": args.bypass, "ready_s": ready})
 
 
 def main(argv: Sequence[str]) -> int:

@@ -1,9 +1,14 @@
-"""Run every benchmark and rewrite BENCHMARKS.md with their tables.
+"""Run the chosen benchmarks, then bench/render.py: BENCHMARKS.md's generated tables are refreshed.
 
-Each benchmark runs with its own defaults unless given arguments, e.g.
-  .venv/bin/python bench/run_all.py --toggle "--repeat 100" --only toggle,reaction
-The file records the date, the machine (nproc, kernel, nft version, load) and this exact command.
-Run as root from the repository root: .venv/bin/python bench/run_all.py
+Each benchmark writes its raw samples to bench/results/NAME.json. Then every results file is
+rendered into its `<!-- generated: NAME -->` ... `<!-- end: NAME -->` section of BENCHMARKS.md, with
+the goal verdicts (section `goals`) and the facts of this run (section `run`: date, this exact
+command, the commit, the machine, the load average at start and end: the machine may be shared).
+Text outside the markers is written by hand and never touched; a section without a results file
+keeps its table. Each benchmark runs with its own defaults unless given arguments, e.g.
+  .venv/bin/python bench/run_all.py --only toggle,reaction --toggle "--repeat 100"
+`make bench` runs them all. Run as root from the repository root.
+Exit status 1 when a benchmark could not run (a missed goal is a result, not an error).
 """
 
 from __future__ import annotations
@@ -23,18 +28,20 @@ from types import ModuleType
 import core_start
 import dataplane
 import dbus_calls
+import footprint
 import full_apply
 import nm_reaction
 import reaction
+import render
 import toggle
-from benchlib import ROOT, Goal, Report, goal_table, log, require_root, sh, terminate_on_sigterm
+from benchlib import RESULTS, ROOT, log, require_root, sh, terminate_on_sigterm
 
-FAILED = "failed to run"
 BENCHMARKS: dict[str, ModuleType] = {
     "full_apply": full_apply,
     "toggle": toggle,
     "reaction": reaction,
     "dataplane": dataplane,
+    "footprint": footprint,
     "dbus_calls": dbus_calls,
     "core_start": core_start,
     "nm_reaction": nm_reaction,
@@ -92,52 +99,28 @@ def command_line() -> str:
     return shlex.join([shown, *sys.argv])
 
 
-def run_one(name: str, module: ModuleType, extra: str) -> Report:
+def run_one(name: str, module: ModuleType, extra: str) -> bool:
+    """Run one benchmark (it writes bench/results/NAME.json); False when it could not run."""
     log(f"run_all: {name} {extra}".rstrip())
     try:
-        report: Report = module.run(module.parse_args(shlex.split(extra)))
-    except Exception as e:
+        module.run(module.parse_args(shlex.split(extra)))
+    except Exception:
         traceback.print_exc()
-        failed = Goal(f"{name} ran", "completes", FAILED, False)
-        return Report(name, f"**This benchmark failed**: `{e}` (see the run's stderr).", [failed])
-    return report
+        return False
+    return True
 
 
-def render(reports: list[Report], started: datetime.datetime, seconds: float, loads: tuple[str, str], code: str) -> str:
-    facts = "\n".join(f"- {key}: {value}" for key, value in machine())
-    goals = [goal for report in reports for goal in report.goals]
-    missed = sum(not goal.met for goal in goals)
-    verdict = "all goals met" if not missed else f"**{missed} of {len(goals)} goals missed** (explained below)"
-    sections = "\n".join(report.markdown() for report in reports)
-    return f"""# Benchmarks
-
-Produced by `bench/run_all.py` (docs/architecture.md, "Benchmarks"; issues 2, 3 and 4). Every number comes from one
-run of the command below; each benchmark ran in fresh network namespaces of its own (`tpb-*`;
-`tpd-*` for the D-Bus calls, `tpc-*` for the core), with `time.perf_counter()`. Scripts:
-`bench/full_apply.py`, `bench/toggle.py`, `bench/reaction.py`, `bench/dataplane.py`,
-`bench/dbus_calls.py`, `bench/core_start.py` (each runs on its own; `--help` explains it). Times in
-ms unless stated.
-
-- date: {started.strftime("%Y-%m-%d %H:%M UTC")} (took {seconds / 60:.1f} min)
-- command (as root, from the repository root): `{command_line()}`
-- code: {code}
-{facts}
-- load average (1/5/15 min) at start: {loads[0]}; at end: {loads[1]}. This is a shared 2-core VM:
-  other work running at the same time shows up as noise, mostly in max/p99 columns.
-
-## Summary: {verdict}
-
-{goal_table(goals)}
-
-{sections}
-## History
-
-- Before commit 3358d68, `SetElementWriter.apply` opened and closed a netlink socket per call.
-  Closing an nf_tables socket right after a transaction that deleted something blocked for whole
-  4 ms timer ticks (HZ=250) while the kernel ran its deferred destroy work, so every link-toggle or
-  local-subnet *remove* took 15.8 ms p50 (p99 20-28 ms) at every bypass size, while the same batch
-  on a kept-open socket took 0.01 ms. Since 3358d68 the writer keeps its socket open.
-"""
+def run_facts(started: datetime.datetime, seconds: float, loads: tuple[str, str], code: str, failed: list[str]) -> str:
+    facts = [
+        ("date", f"{started.strftime('%Y-%m-%d %H:%M UTC')} (took {seconds / 60:.1f} min)"),
+        ("command (as root, from the repository root)", f"`{command_line()}`"),
+        ("code", code),
+        *machine(),
+        ("load average (1/5/15 min)", f"at start {loads[0]}; at end {loads[1]}"),
+    ]
+    if failed:
+        facts.append(("**failed to run** (their tables, if any, are from an earlier run)", ", ".join(failed)))
+    return "\n".join(f"- {key}: {value}" for key, value in facts)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -148,13 +131,16 @@ def main(argv: Sequence[str]) -> int:
     load_start = loadavg()
     code = code_version()
     clock = time.perf_counter()
-    reports = [run_one(name, BENCHMARKS[name], getattr(args, name)) for name in args.only.split(",")]
-    text = render(reports, started, time.perf_counter() - clock, (load_start, loadavg()), code)
-    args.output.write_text(text)
+    chosen = args.only.split(",")
+    failed = [name for name in chosen if not run_one(name, BENCHMARKS[name], getattr(args, name))]
+    document, goals = render.render_all(RESULTS, args.output.read_text())
+    goals += [(f"{name} ran", "completes", "failed to run", False) for name in failed]
+    facts = run_facts(started, time.perf_counter() - clock, (load_start, loadavg()), code, failed)
+    document = render.replace_section(document, "run", facts)
+    args.output.write_text(render.replace_section(document, "goals", render.goal_table(goals)))
     log(f"run_all: wrote {args.output}")
-    print(text)
     # A missed goal is a result, not an error; a benchmark that could not run is.
-    return 1 if any(goal.measured == FAILED for r in reports for goal in r.goals) else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -23,22 +23,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from benchlib import (
-    Goal,
     Report,
     bench_main,
     bench_state,
     bypass_lines,
     log,
-    ms,
     netns,
-    ratio,
     run_worker,
-    summarize,
-    table,
+    save_results,
 )
 
-GOAL_MS = 2.0
-FLAT_MS = 0.1 * GOAL_MS  # "flat": growing by at most a tenth of the budget (libnftables grows ~500 ms)
 LARGE = 100_000
 IFNAME = "tpbx0"
 SUBNET = "198.51.100.0/24"
@@ -173,57 +167,7 @@ def run(args: argparse.Namespace) -> Report:
         }
         with netns(f"toggle{size}") as ns:
             results.append(run_worker(ns, __file__, params))
-    return render(results)
-
-
-def render(results: list[dict[str, Any]]) -> Report:
-    rows: list[list[str]] = []
-    goals: list[Goal] = []
-    notes: list[str] = []
-    smallest = results[0]
-    for r in results:
-        label = f"{r['size']:,}" + (" + 2,000 v6" if r["size"] else "")
-        label += f" ({r['elements4']:,} + {r['elements6']:,} elements)"
-        for kind in KINDS:
-            for op in OPS:
-                ours = summarize(r[f"ours/{kind}"][op])
-                for path in (p for p in PATHS if f"{p}/{kind}" in r):
-                    s = summarize(r[f"{path}/{kind}"][op])
-                    row = [label, kind, op, path, str(s.n), ms(s.min), ms(s.median), ms(s.p99), ms(s.max)]
-                    rows.append([*row, ratio(s.median / ours.median)])
-                if r["size"] >= LARGE:
-                    empty = summarize(smallest[f"ours/{kind}"][op]).median
-                    goals += kind_goals(f"{kind} {op}", r["size"], ours.median, empty)
-        if not r["verified"]:
-            notes.append(f"- {label}: our element writes were NOT seen in the kernel: results invalid.")
-    headers = ["bypass CIDRs loaded", "change", "op", "path", "n", "min ms", "p50 ms", "p99 ms", "max ms"]
-    body = "\n\n".join(
-        [
-            "One sample = one element add or one element delete (one nf_tables transaction); adds "
-            "and removes alternate and are reported separately (a remove used to pay for closing "
-            "the netlink socket: see History at the end). `ours` = `SetElementWriter.apply` (raw "
-            "nf_tables netlink, called synchronously on one writer, as the daemon's worker thread "
-            "does); `libnftables` = `Nftables().cmd('add element ...')` "
-            "in-process on one context (libnftables 1.0.6 fetches the whole ruleset before every "
-            "command). Verified: after our add the element is listed by nft, after our delete it is "
-            "gone. Flatness = growth of our p50 from no user CIDRs to 100k, met when <= 0.2 ms (a tenth "
-            "of the 2 ms budget; the ratio is shown too but compares numbers of a few tens of µs).",
-            table([*headers, "p50 / ours p50"], rows),
-            *notes,
-        ]
-    )
-    return Report("Link toggle and local-subnet update", body, goals)
-
-
-def kind_goals(what: str, size: int, p50: float, p50_empty: float) -> list[Goal]:
-    """p50 against the budget; flatness as absolute growth from no user CIDRs to `size` (a ratio
-    of two ~0.05 ms numbers swings by 2x with scheduling noise alone)."""
-    growth = p50 - p50_empty
-    measured = f"{growth:+.3f} ms ({ratio(p50 / p50_empty)})"
-    return [
-        Goal(f"{what}, {size:,} loaded, p50", f"<= {GOAL_MS} ms", f"{ms(p50)} ms", p50 <= GOAL_MS),
-        Goal(f"{what}, flat in bypass size", f"p50 growth 0 -> {size:,} <= {FLAT_MS} ms", measured, growth <= FLAT_MS),
-    ]
+    return save_results("toggle", {"results": results})
 
 
 def main(argv: Sequence[str]) -> int:
