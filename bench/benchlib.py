@@ -9,11 +9,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import random
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -229,43 +227,7 @@ def bench_state(user: AddressSet, lan_links: Sequence[str] = ("lan0",)) -> NftSt
     )
 
 
-# --- statistics and tables ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Stats:
-    n: int
-    min: float
-    median: float
-    p99: float
-    max: float
-
-
-def summarize(samples: Sequence[float]) -> Stats:
-    """Nearest-rank p99; samples in any unit (we use milliseconds)."""
-    ordered = sorted(samples)
-    rank = max(1, math.ceil(0.99 * len(ordered)))
-    return Stats(len(ordered), ordered[0], statistics.median(ordered), ordered[rank - 1], ordered[-1])
-
-
-def ms(value: float) -> str:
-    if value >= 100:
-        return f"{value:.0f}"
-    if value >= 10:
-        return f"{value:.1f}"
-    if value >= 1:
-        return f"{value:.2f}"
-    return f"{value:.3f}"
-
-
-def ratio(value: float) -> str:
-    return f"{value:.2f}x" if value >= 0.1 else f"{value:.4f}x"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+# --- reports ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -298,14 +260,11 @@ def save_results(name: str, data: dict[str, Any]) -> Report:
 
 
 def print_report(report: Report) -> None:
+    import render
+
     print(report.markdown())
     if report.goals:
-        print(goal_table(report.goals))
-
-
-def goal_table(goals: Sequence[Goal]) -> str:
-    rows = [[g.name, g.target, g.measured, "met" if g.met else "**missed**"] for g in goals]
-    return table(["goal", "target", "measured", "verdict"], rows)
+        print(render.goal_table([(g.name, g.target, g.measured, g.met) for g in report.goals]))
 
 
 # --- entry point ----------------------------------------------------------------------------------

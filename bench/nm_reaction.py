@@ -20,7 +20,8 @@ group, and `--cycles` times runs `nmcli connection up` / `down`. Per cycle, on t
 Anchors (their reaction models, not measured here): sing-box debounces network changes 1 s;
 v2rayA polls every 3 s (median 1.5 s).
 Then the shipped dispatcher script (nm-dispatcher/90-tproxyd) is run `--dispatcher` times with
-tproxyd running, hung (SIGSTOP) and stopped: the time until it returns (NetworkManager waits for it).
+tproxyd running, hung (SIGSTOP), stopped, and installed but not running (`--activations` times:
+the call D-Bus-activates it): the time until it returns (NetworkManager waits for it).
 
 Raw samples: bench/results/nm_reaction.json; bench/render.py makes the tables.
 Run as root: .venv/bin/python bench/nm_reaction.py [--cycles 50] [--bypass 100000] [--dispatcher 20]
@@ -30,13 +31,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import select
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,7 @@ from benchlib import (
     save_results,
 )
 
+from tproxy_service.bus import names
 from tproxy_service.kernel.netlink_wire import messages, parse_attrs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +69,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--cycles", type=int, default=50, help="up/down cycles (default 50)")
     parser.add_argument(
         "--dispatcher", type=int, default=20, help="dispatcher script runs per tproxyd state (default 20)"
+    )
+    parser.add_argument(
+        "--activations", type=int, default=5, help="dispatcher script runs that D-Bus-activate tproxyd (default 5)"
     )
     parser.add_argument("--bypass", type=int, default=100_000, help="IPv4 /24s in the bypass file (default 100000)")
     return parser.parse_args(argv)
@@ -112,8 +118,6 @@ class Recorder:
 async def worker_async(params: dict[str, Any]) -> dict[str, Any]:
     from dbus_fast import Message, MessageType
     from dbus_fast.aio import MessageBus
-
-    from tproxy_service.bus import names
 
     rec = Recorder()
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, NETLINK_NETFILTER)
@@ -199,10 +203,10 @@ async def worker_async(params: dict[str, Any]) -> dict[str, Any]:
     return {"samples": samples, "missed": missed}
 
 
-def dispatcher_returns(world: Any, runs: int) -> dict[str, list[float]]:
+def dispatcher_returns(world: Any, runs: int, activations: int) -> dict[str, list[float]]:
     """How long the shipped NetworkManager dispatcher script takes to return (ms), with tproxyd
-    running, hung (SIGSTOP) and stopped. It must never delay NetworkManager: its call runs in the
-    background, so the three should not differ."""
+    running, hung (SIGSTOP), stopped, and installed for D-Bus activation but not running. It must
+    never delay NetworkManager: its call runs in the background."""
     from tests.nm import harness as h
 
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DBUS_SYSTEM_BUS_ADDRESS": world.bus.address}
@@ -237,7 +241,30 @@ def dispatcher_returns(world: Any, runs: int) -> dict[str, list[float]]:
     world.tproxyd.stop()
     samples["stopped"] = [script_ms() for _ in range(runs)]
     settled()
+    samples["installed, not running (the call activates it)"] = [
+        activated_ms(world, script_ms) for _ in range(activations)
+    ]
+    settled()
     return samples
+
+
+def activated_ms(world: Any, script_ms: Callable[[], float]) -> float:
+    """One script run with tproxyd installed for D-Bus activation but not running; the tproxyd the
+    call activates is stopped (by its PID) before the next run."""
+    from tests.nm import harness as h
+
+    service = world.sandbox.services_dir / f"{names.BUS_NAME}.service"
+    service.write_text(
+        f"[D-BUS Service]\nName={names.BUS_NAME}\nExec={h.TPROXYD} --config {world.tproxyd.config}\nUser=root\n"
+    )
+    elapsed = script_ms()
+    h.wait_until(lambda: world.bus.has_owner(names.BUS_NAME), 60, "tproxyd D-Bus-activated by the script's call")
+    pids = [pid for pid, cmd in world.sandbox.processes() if f"--config {world.tproxyd.config}" in cmd]
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    h.wait_until(lambda: all(h.gone(pid) for pid in pids), 30, "the activated tproxyd to exit")
+    h.wait_until(lambda: not world.bus.has_owner(names.BUS_NAME), 10, "the activated tproxyd's name to go")
+    return elapsed
 
 
 # --- parent ----------------------------------------------------------------------------------------
@@ -269,7 +296,7 @@ def run(args: argparse.Namespace) -> Report:
             "cycles": args.cycles,
         }
         result = run_worker(world.gw, __file__, params)
-        result["dispatcher"] = dispatcher_returns(world, args.dispatcher)
+        result["dispatcher"] = dispatcher_returns(world, args.dispatcher, args.activations)
     finally:
         problems = world.close()
         if problems:
