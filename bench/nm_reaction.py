@@ -20,17 +20,19 @@ group, and `--cycles` times runs `nmcli connection up` / `down`. Per cycle, on t
 Anchors (their reaction models, not measured here): sing-box debounces network changes 1 s;
 v2rayA polls every 3 s (median 1.5 s).
 Then the shipped dispatcher script (nm-dispatcher/90-tproxyd) is run `--dispatcher` times with
-tproxyd running, hung (SIGSTOP), stopped, and installed but not running (`--activations` times:
-the call D-Bus-activates it): the time until it returns (NetworkManager waits for it).
+tproxyd running, stopped, and hung (a process owns its name and never answers), and
+`--activations` times with tproxyd installed but not running (the call D-Bus-activates it):
+the time until it returns (NetworkManager waits for it).
 
 Raw samples: bench/results/nm_reaction.json; bench/render.py makes the tables.
-Run as root: .venv/bin/python bench/nm_reaction.py [--cycles 50] [--bypass 100000] [--dispatcher 20]
+Run as root: .venv/bin/python bench/nm_reaction.py [--cycles 50] [--bypass 100000] [--dispatcher 20] [--activations 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import select
 import signal
@@ -38,7 +40,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -205,8 +207,9 @@ async def worker_async(params: dict[str, Any]) -> dict[str, Any]:
 
 def dispatcher_returns(world: Any, runs: int, activations: int) -> dict[str, list[float]]:
     """How long the shipped NetworkManager dispatcher script takes to return (ms), with tproxyd
-    running, hung (SIGSTOP), stopped, and installed for D-Bus activation but not running. It must
-    never delay NetworkManager: its call runs in the background."""
+        running, stopped, hung (its name owned, calls never answered), and installed for D-Bus activation
+    but not running. It must
+        never delay NetworkManager: its call runs in the background."""
     from tests.nm import harness as h
 
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DBUS_SYSTEM_BUS_ADDRESS": world.bus.address}
@@ -232,20 +235,47 @@ def dispatcher_returns(world: Any, runs: int, activations: int) -> dict[str, lis
 
     samples = {"running": [script_ms() for _ in range(runs)]}
     settled()
-    world.tproxyd.proc.send(signal.SIGSTOP)
-    try:
-        samples["hung"] = [script_ms() for _ in range(runs)]
-    finally:
-        world.tproxyd.proc.send(signal.SIGCONT)
-    settled()
     world.tproxyd.stop()
     samples["stopped"] = [script_ms() for _ in range(runs)]
     settled()
+    with busy_daemon(world.bus.address):
+        samples["hung (the name owned, calls never answered)"] = [script_ms() for _ in range(runs)]
+        settled()
     samples["installed, not running (the call activates it)"] = [
         activated_ms(world, script_ms) for _ in range(activations)
     ]
     settled()
     return samples
+
+
+BUSY_DAEMON = """
+import asyncio, sys
+from dbus_fast import NameFlag
+from dbus_fast.aio import MessageBus
+
+async def main():
+    bus = await MessageBus(bus_address=sys.argv[1]).connect()
+    bus.add_message_handler(lambda msg: True if msg.path == sys.argv[3] else None)  # taken, never answered
+    await bus.request_name(sys.argv[2], NameFlag.DO_NOT_QUEUE)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@contextlib.contextmanager
+def busy_daemon(bus_address: str) -> Iterator[None]:
+    """A hung tproxyd: a process owning tproxyd's bus name that takes every call and never answers."""
+    argv = [sys.executable, "-c", BUSY_DAEMON, bus_address, names.BUS_NAME, names.OBJECT_PATH]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    try:
+        if proc.stdout is None or proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the busy daemon did not take tproxyd's name")
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def activated_ms(world: Any, script_ms: Callable[[], float]) -> float:
