@@ -31,6 +31,7 @@ the core's listening sockets are on the same clock and split each sample into ph
 The unit's start limit (StartLimitBurst=30 in 60 s) is reset with `reset-failed` before each part,
 so at most 25 repeats per part are allowed.
 
+Raw samples: bench/results/core_start.json; bench/render.py makes the tables.
 Run as root: .venv/bin/python bench/core_start.py [--starts 10] [--kills 10] [--policy open]
 """
 

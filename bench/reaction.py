@@ -10,6 +10,7 @@ nf_tables multicast group (NFNLGRP_NFTABLES) and, `--cycles` times:
 Anchors (their reaction models, not measured here): sing-box debounces network changes 1 s;
 v2rayA polls every 3 s (uniform 0-3 s delay, median 1.5 s).
 
+Raw samples: bench/results/reaction.json; bench/render.py makes the tables.
 Run as root: .venv/bin/python bench/reaction.py [--cycles 50] [--bypass 100000]
 """
 

@@ -316,8 +316,14 @@ def reaction(data: dict[str, Any]) -> tuple[str, list[Goal]]:
     for op, what in (("add", "address added -> in local4"), ("remove", "address removed -> out of local4")):
         rows.append(_anchored(what, data["samples"][op], str(data["missed"][op])))
     added = statistics.median(data["samples"]["add"])
-    goals = [("reaction, address added, median", f"<= {REACTION_GOAL_MS:.0f} ms", f"{_n(added)} ms",
-              added <= REACTION_GOAL_MS)]  # fmt: skip
+    goals = [
+        (
+            "reaction, address added, median",
+            f"<= {REACTION_GOAL_MS:.0f} ms",
+            f"{_n(added)} ms",
+            added <= REACTION_GOAL_MS,
+        )
+    ]
     facts = f"{data['bypass']:,} IPv4 + 2,000 IPv6 bypass CIDRs; daemon start to ready {data['ready_s']:.2f} s."
     return facts + "\n\n" + _anchor_tables(["event", "missed"], rows), goals
 
@@ -473,7 +479,7 @@ def core_start(data: dict[str, Any]) -> tuple[str, list[Goal]]:
         "tproxyd State after EnableLink: " + "; ".join(sorted({" -> ".join(s["states"]) for s in starts})),
         "tproxyd State after a kill: " + "; ".join(sorted({" -> ".join(s["states"]) for s in kills})),
         "unit SubState after a kill: " + ("; ".join(sorted({" -> ".join(s["sub_states"]) for s in kills})) or "-"),
-        f"connection attempts after t0 (by answering address or error): start: {_attempt_counts(starts)}; "
+        f"connection attempts after t0 (direct, proxied or the error): start: {_attempt_counts(starts)}; "
         f"kill: {_attempt_counts(kills)}",
         f"samples with a proxied reply before State=active: {sum(s['total'] < s['state_active'] for s in active)}",
         "samples whose socket watch saw the core listening only after State=active: "

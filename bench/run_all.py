@@ -124,9 +124,9 @@ def run_facts(started: datetime.datetime, seconds: float, loads: tuple[str, str]
 
 
 def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)  # first: --help needs no root
     require_root()
     terminate_on_sigterm()
-    args = parse_args(argv)
     started = datetime.datetime.now(datetime.UTC)
     load_start = loadavg()
     code = code_version()

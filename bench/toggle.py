@@ -10,6 +10,7 @@ Each add and each remove is one sample (one nf_tables transaction):
     `delete element ...`), in-process, so no fork/exec is counted for it either.
 The kernel is checked to hold (and then not hold) the element after our writes.
 
+Raw samples: bench/results/toggle.json; bench/render.py makes the tables.
 Run as root: .venv/bin/python bench/toggle.py [--repeat 200] [--lib-repeat 50] [--lib-repeat-large 20]
 """
 
