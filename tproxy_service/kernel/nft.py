@@ -18,7 +18,7 @@ from ..errors import KernelError
 from ..model import AddressSet, NftState
 from ..rules import nft as rules
 from .nft_batch import Msg, encode_interval_set, translate
-from .nft_netlink import SetElementWriter, encode_change, table_exists, table_objects
+from .nft_netlink import SetElementWriter, TableQuery, encode_change
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class NftablesAdapter:
         self.on_missing = on_missing
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nft")
         self._elements = SetElementWriter(rules.TABLE)
+        self._query = TableQuery()
 
     @staticmethod
     def _ctx() -> Any:
@@ -76,7 +77,7 @@ class NftablesAdapter:
         return output or {}
 
     async def table_exists(self, name: str, family: str = "inet") -> bool:
-        return bool(await self._call(table_exists, name, family))
+        return bool(await self._call(self._query.exists, name, family))
 
     async def replace(self, state: NftState) -> None:
         """Atomically replace table inet tproxyd with `state` (nothing else is touched)."""
@@ -106,7 +107,7 @@ class NftablesAdapter:
             rules.SET_LOCAL6: encode_interval_set(6, state.local.v6),
         }
         skeleton = rules.build_replace(
-            dataclasses.replace(state, bypass=AddressSet(), local=AddressSet()), None, table_objects(rules.TABLE)
+            dataclasses.replace(state, bypass=AddressSet(), local=AddressSet()), None, self._query.objects(rules.TABLE)
         )
         messages = translate(skeleton["nftables"], rules.FAMILY, rules.TABLE, elements)
         return messages + [m for change in rules.link_elements(state) for m in encode_change(change, rules.TABLE)]
@@ -125,3 +126,4 @@ class NftablesAdapter:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self._elements.close()
+        self._query.close()

@@ -16,7 +16,8 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 from ..errors import KernelError
 from ..rules.nft import IfnameChange, IntervalChange, SetChange, TableObjects
@@ -175,31 +176,78 @@ NLM_F_DUMP = 0x300
 
 
 NFPROTO = {"inet": NFPROTO_INET, "ip": 2, "ip6": 10}
+_T = TypeVar("_T")
 
 
-def _query_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    sock.bind((0, 0))
-    sock.settimeout(2.0)
-    return sock
+class TableQuery:
+    """Read-only nf_tables queries (does a table exist, its chains and sets) on one kept socket.
+
+    Kept for the same reason as SetElementWriter's: the kernel makes the close of an nf_tables
+    socket wait for the deferred destroy work of the last transaction that deleted something
+    (~1.5 ms after a DisableLink's element delete), and the firewall admission asks for several
+    tables on every reconcile pass."""
+
+    def __init__(self) -> None:
+        self._seq = itertools.count(1)
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+    def exists(self, table: str, family: str = "inet") -> bool:
+        """A single-table GETTABLE: microseconds, whatever the table holds."""
+        with self._lock:
+            return self._ask(lambda sock: _table_exists(sock, table, family, next(self._seq)))
+
+    def objects(self, table: str) -> TableObjects | None:
+        """The chains and named sets of `table` (names only, however many elements), None without it."""
+        with self._lock:
+            return self._ask(lambda sock: _table_objects(sock, table, self._seq))
+
+    def _ask(self, query: Callable[[socket.socket], _T]) -> _T:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            sock.bind((0, 0))
+            sock.settimeout(2.0)
+            self._sock = sock
+        try:
+            return query(self._sock)
+        except BaseException:
+            # Unread answers would confuse the next query: start over with a fresh socket.
+            self._sock.close()
+            self._sock = None
+            raise
 
 
 def table_exists(table: str, family: str = "inet") -> bool:
-    """A single-table GETTABLE: microseconds, whatever the table holds."""
-    with _query_socket() as sock:
-        payload = attr(NFTA_TABLE_NAME, table.encode() + b"\0")
-        msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE
-        sock.send(_message(msg_type, NLM_F_REQUEST | NLM_F_ACK, 1, NFPROTO[family], 0, payload))
-        found = False
-        while True:
-            for msg in messages(sock.recv(65536)):
-                if msg.kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE:
-                    found = True
-                elif msg.kind == NLMSG_ERROR:
-                    code = msg.error_code()
-                    if code and code != 2:  # ENOENT just means "no such table"
-                        raise KernelError(f"querying nftables failed: {os.strerror(code)}")
-                    return found
+    """One query on a socket of its own (the daemon keeps a TableQuery)."""
+    query = TableQuery()
+    try:
+        return query.exists(table, family)
+    finally:
+        query.close()
+
+
+def _table_exists(sock: socket.socket, table: str, family: str, seq: int) -> bool:
+    payload = attr(NFTA_TABLE_NAME, table.encode() + b"\0")
+    msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE
+    sock.send(_message(msg_type, NLM_F_REQUEST | NLM_F_ACK, seq, NFPROTO[family], 0, payload))
+    found = False
+    while True:
+        for msg in messages(sock.recv(65536)):
+            if msg.seq != seq:
+                continue
+            if msg.kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE:
+                found = True
+            elif msg.kind == NLMSG_ERROR:
+                code = msg.error_code()
+                if code and code != 2:  # ENOENT just means "no such table"
+                    raise KernelError(f"querying nftables failed: {os.strerror(code)}")
+                return found
 
 
 def _dump(sock: socket.socket, get: int, new: int, seq: int) -> list[dict[int, bytes]]:
@@ -222,23 +270,21 @@ def _text(raw: bytes | None) -> str:
     return (raw or b"").split(b"\0", 1)[0].decode(errors="replace")
 
 
-def table_objects(table: str) -> TableObjects | None:
-    """The chains and named sets of `table` (names only, however many elements), None without it."""
-    if not table_exists(table):
+def _table_objects(sock: socket.socket, table: str, seq: Iterator[int]) -> TableObjects | None:
+    if not _table_exists(sock, table, "inet", next(seq)):
         return None
-    with _query_socket() as sock:
-        chains = frozenset(
-            _text(a.get(NFTA_CHAIN_NAME))
-            for a in _dump(sock, NFT_MSG_GETCHAIN, NFT_MSG_NEWCHAIN, 1)
-            if _text(a.get(NFTA_CHAIN_TABLE)) == table
-        )
-        sets, ifname_sets = set(), set()
-        for a in _dump(sock, NFT_MSG_GETSET, NFT_MSG_NEWSET, 2):
-            flags = struct.unpack("!I", a[NFTA_SET_FLAGS])[0] if len(a.get(NFTA_SET_FLAGS, b"")) == 4 else 0
-            if _text(a.get(NFTA_SET_TABLE)) != table or flags & NFT_SET_ANONYMOUS:
-                continue  # anonymous sets belong to their rules and go with them
-            name = _text(a.get(NFTA_SET_NAME))
-            sets.add(name)
-            if a.get(NFTA_SET_KEY_TYPE) == struct.pack("!I", NFT_DATATYPE_IFNAME):
-                ifname_sets.add(name)
+    chains = frozenset(
+        _text(a.get(NFTA_CHAIN_NAME))
+        for a in _dump(sock, NFT_MSG_GETCHAIN, NFT_MSG_NEWCHAIN, next(seq))
+        if _text(a.get(NFTA_CHAIN_TABLE)) == table
+    )
+    sets, ifname_sets = set(), set()
+    for a in _dump(sock, NFT_MSG_GETSET, NFT_MSG_NEWSET, next(seq)):
+        flags = struct.unpack("!I", a[NFTA_SET_FLAGS])[0] if len(a.get(NFTA_SET_FLAGS, b"")) == 4 else 0
+        if _text(a.get(NFTA_SET_TABLE)) != table or flags & NFT_SET_ANONYMOUS:
+            continue  # anonymous sets belong to their rules and go with them
+        name = _text(a.get(NFTA_SET_NAME))
+        sets.add(name)
+        if a.get(NFTA_SET_KEY_TYPE) == struct.pack("!I", NFT_DATATYPE_IFNAME):
+            ifname_sets.add(name)
     return TableObjects(chains, frozenset(sets), frozenset(ifname_sets))
