@@ -257,6 +257,10 @@ class Inside:
     def send(self, sig: int) -> None:
         if self.alive():
             os.kill(self.pid, sig)
+            if sig == signal.SIGCONT:
+                # nsenter stops itself when the program stops and stays stopped until continued
+                # itself: it would never reap the program, and stop() would wait for it in vain.
+                os.kill(self.proc.pid, signal.SIGCONT)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         """Signal the program and wait for it (SIGKILL after `timeout`)."""
