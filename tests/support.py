@@ -7,6 +7,7 @@ Everything here only reads the main namespace; `stop_process` only ever signals 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -55,6 +56,18 @@ def wait_until(predicate: Callable[[], T | None], timeout: float, what: str, int
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last value: {value!r})")
         time.sleep(interval)
+
+
+async def wait_until_async(predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.005) -> T:
+    """`wait_until` for code running on an event loop: polls without blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last value: {value!r})")
+        await asyncio.sleep(interval)
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:

@@ -8,7 +8,6 @@ import dataclasses
 import json
 import re
 import socket
-import time
 
 import pytest
 
@@ -23,7 +22,7 @@ from tproxy_service.monitors.nft_events import NftDriftWatch
 from tproxy_service.rules.nft import IfnameChange, IntervalChange, build_replace, link_elements
 from tproxy_service.rules.routing import build_routing
 
-from ..support import wait_until
+from ..support import wait_until, wait_until_async
 from ..unit.scenarios import SCENARIOS
 from .netns import run_in_netns, sh
 
@@ -177,9 +176,7 @@ def test_drift_watch_reports_others_not_us() -> None:
             # would come before the one for this outside change, so it must be the only report.
             nft = await asyncio.create_subprocess_exec("nft", "delete", "table", "inet", "tproxyd")
             await nft.wait()
-            deadline = time.monotonic() + 2
-            while not seen and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
+            await wait_until_async(lambda: seen, 10, "the drift watch's report")
             assert seen == [f"table changed by pid {nft.pid}"], f"expected one report, for nft: {seen}"
             watch.pause()
             adapter.close()

@@ -7,6 +7,7 @@ import asyncio
 
 from tproxy_service.coalescer import Coalescer
 
+from ..support import wait_until_async
 from .test_engine import run
 
 
@@ -23,7 +24,7 @@ def test_requests_during_a_run_coalesce_into_one_more() -> None:
         loop = Coalescer(job, "test")
         loop.start()
         first = loop.request("a")
-        await asyncio.wait_for(_until(lambda: len(runs) == 1), 10)
+        await wait_until_async(lambda: len(runs) == 1, 10, "the first run")
         tickets = [loop.request(r) for r in ("b", "c", "d")]
         release.set()
         await asyncio.wait_for(loop.wait_for(tickets[-1]), 10)
@@ -56,11 +57,6 @@ def test_a_crashing_run_releases_its_waiters_and_the_loop_goes_on() -> None:
         await loop.stop()
 
     run(body)
-
-
-async def _until(condition: object) -> None:
-    while not condition():  # type: ignore[operator]
-        await asyncio.sleep(0)
 
 
 def test_stop_ends_the_loop_even_when_the_run_turns_the_cancellation_into_an_error() -> None:

@@ -4,9 +4,11 @@ unit starts, never polled while nothing changes."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
+from tests.support import wait_until_async
 from tproxy_service.model import Config
 from tproxy_service.proxycore import supervisor as sup
 from tproxy_service.proxycore.systemd import UnitStatus
@@ -44,11 +46,14 @@ class Sockets:
         return self.listening, "" if self.listening else "nothing listens on the tproxy port"
 
 
-async def _until(condition: object, what: str, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():  # type: ignore[operator]
-        assert asyncio.get_running_loop().time() < deadline, what
-        await asyncio.sleep(0.005)
+async def _until(condition: Callable[[], object], what: str) -> None:
+    await wait_until_async(condition, 5, what)
+
+
+def _nothing_scheduled() -> None:
+    """No task but the test's own is left (the readiness retries are a task): nothing would
+    wake the supervisor again before the next unit change."""
+    assert asyncio.all_tasks() == {asyncio.current_task()}, asyncio.all_tasks()
 
 
 @pytest.fixture
@@ -75,7 +80,7 @@ def test_a_ready_core_is_not_polled(sockets: Sockets) -> None:
         checks = sockets.checks
         assert s._poller is not None
         await _until(s._poller.done, "no readiness task left once ready")
-        await asyncio.sleep(0.05)  # many retry gaps: a timer would have checked again
+        _nothing_scheduled()
         assert sockets.checks == checks
         # A state change (the core restarted) is checked afresh.
         sockets.listening = False
@@ -100,9 +105,7 @@ def test_retries_while_starting_are_bounded(sockets: Sockets, monkeypatch: pytes
         await _until(s._poller.done, "the retries end after READY_PATIENCE")
         assert not s.status.ready
         assert s.status.detail == "nothing listens on the tproxy port"
-        checks = sockets.checks
-        await asyncio.sleep(0.05)
-        assert sockets.checks == checks
+        _nothing_scheduled()
         await s.close()
         await s.settle()
 
