@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .model import Config, LinkChoice, LinkMode, NmFacts
 from .nm_policy import PolicyHold, effective_links, policy_holds
@@ -15,6 +16,8 @@ from .state_store import Choices
 
 @dataclass(frozen=True)
 class Intent:
+    """Frozen, so what is derived from it is computed once (cached_property; read-only results)."""
+
     config: Config = field(default_factory=Config)
     choices: Choices = field(default_factory=Choices)
     nm: NmFacts = field(default_factory=NmFacts)
@@ -25,7 +28,7 @@ class Intent:
     def enabled(self) -> bool:
         return self.choices.enabled is not False
 
-    @property
+    @cached_property
     def link_choices(self) -> dict[str, LinkChoice]:
         """ifname -> host | lan | both | auto: the config's defaults under the saved choices (the
         D-Bus Links property)."""
@@ -37,18 +40,18 @@ class Intent:
                 merged[name] = choice
         return dict(sorted(merged.items()))
 
-    @property
+    @cached_property
     def manual_modes(self) -> dict[str, LinkMode | None]:
         """The manual choices as modes; None is auto."""
         return {name: choice.mode for name, choice in self.link_choices.items()}
 
-    @property
+    @cached_property
     def proxied_links(self) -> dict[str, LinkMode]:
         """Every link to proxy, with its mode: the manual choices (auto resolved) and the links a
         [[networkmanager.auto]] policy holds."""
         return effective_links(self.manual_modes, self.config.networkmanager, self.nm, self.suppressed)
 
-    @property
+    @cached_property
     def policy_holds(self) -> dict[str, PolicyHold]:
         """Links proxied by a [[networkmanager.auto]] policy right now (manual choices aside)."""
         manual = self.link_choices
