@@ -67,8 +67,12 @@ def read_bytes(path: Path, max_bytes: int, what: str, limit: str) -> bytes:
 
 def read_text(path: Path, max_bytes: int, what: str, limit: str) -> str:
     """read_bytes, decoded as UTF-8 (ConfigError otherwise)."""
+    return decode(read_bytes(path, max_bytes, what, limit), path, what)
+
+
+def decode(data: bytes, path: Path, what: str) -> str:
     try:
-        return read_bytes(path, max_bytes, what, limit).decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{what} {path} is not UTF-8 text") from None
 
@@ -78,7 +82,15 @@ def read_lines(
 ) -> Iterator[str]:
     """The lines of `path` within both limits (`section` names where they are set, e.g.
     "[bypass]"); iterating raises Cancelled soon after `cancel` is set."""
-    text = read_text(path, max_bytes, what, f"{section} max_file_bytes")
+    return lines_within(
+        read_text(path, max_bytes, what, f"{section} max_file_bytes"), path, max_lines, what, section, cancel
+    )
+
+
+def lines_within(
+    text: str, path: Path, max_lines: int, what: str, section: str, cancel: threading.Event | None = None
+) -> Iterator[str]:
+    """The lines of `path`'s `text` (already read within its byte limit), within `max_lines`."""
     if text.count("\n") + (not text.endswith("\n")) > max_lines:
         raise ConfigError(f"{what} {path} has more than {max_lines} lines ({section} max_file_lines)")
     return cancellable(text.splitlines(), cancel)

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bounded_read import read_bytes, read_lines
+from .bounded_read import decode, lines_within, read_bytes, read_lines
 from .errors import ConfigError
 from .model import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_FILE_LINES, AddressSet, Interval, PackedIntervals
 
@@ -171,11 +171,15 @@ def load_cidr_file_cached(
     known = _loaded.get(path)
     if known is not None and known.stat == stat:
         return known.addresses
-    digest = hashlib.sha256(read_bytes(path, max_bytes, "CIDR list file", "[bypass] max_file_bytes")).digest()
-    unchanged = known is not None and known.digest == digest and known.stat[-2:] == stat[-2:]
-    addresses = (
-        known.addresses if known is not None and unchanged else load_cidr_file(path, max_bytes, max_lines, cancel)
-    )
+    data = read_bytes(path, max_bytes, "CIDR list file", "[bypass] max_file_bytes")
+    digest = hashlib.sha256(data).digest()
+    if known is not None and known.digest == digest and known.stat[-2:] == stat[-2:]:
+        addresses = known.addresses
+    else:  # parse the bytes just hashed: the file is read once
+        text = decode(data, path, "CIDR list file")
+        addresses = parse_cidr_lines(
+            lines_within(text, path, max_lines, "CIDR list file", "[bypass]", cancel), str(path)
+        )
     _loaded.pop(path, None)
     while len(_loaded) >= _LOADED_MAX:
         _loaded.pop(next(iter(_loaded)))

@@ -129,15 +129,15 @@ def test_an_unchanged_list_file_is_not_parsed_again(tmp_path: Path, monkeypatch:
     path = tmp_path / "list.txt"
     path.write_text("10.0.0.0/8\n")
     first = cidrs.load_cidr_file_cached(path)
-    parses: list[Path] = []
-    real = cidrs.load_cidr_file
-    monkeypatch.setattr(cidrs, "load_cidr_file", lambda p, *limits: parses.append(p) or real(p, *limits))
+    parses: list[str] = []
+    real = cidrs.parse_cidr_lines
+    monkeypatch.setattr(cidrs, "parse_cidr_lines", lambda lines, source: parses.append(source) or real(lines, source))
     assert cidrs.load_cidr_file_cached(path) is first and parses == []  # same inode, size, times
     os.utime(path, ns=(1, 1))
     assert cidrs.load_cidr_file_cached(path) is first and parses == []  # touched, same content
     path.write_text("11.0.0.0/8\n")
     changed = cidrs.load_cidr_file_cached(path)
-    assert parses == [path] and list(changed.v4) == [Interval(0x0B000000, 0x0BFFFFFF)]
+    assert parses == [str(path)] and list(changed.v4) == [Interval(0x0B000000, 0x0BFFFFFF)]
     with pytest.raises(ConfigError, match="larger than 4 bytes"):  # the cache never skips the limits
         cidrs.load_cidr_file_cached(path, max_bytes=4)
     path.unlink()
