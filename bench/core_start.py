@@ -28,11 +28,14 @@ the core's listening sockets are on the same clock and split each sample into ph
     Kills are 0.3 s + a random 0-250 ms apart after each recovery: systemd fires the restart timer
     on a coalesced 250 ms grid, and evenly spaced kills would all hit the same phase of it.
 
+  * idle: after the kills, with the core up and proxying and nothing changing, tproxyd's context
+    switches (all threads) over --idle seconds. Goal: 0 (no readiness polling, no timers).
+
 The unit's start limit (StartLimitBurst=30 in 60 s) is reset with `reset-failed` before each part,
 so at most 25 repeats per part are allowed.
 
 Raw samples: bench/results/core_start.json; bench/render.py makes the tables.
-Run as root: .venv/bin/python bench/core_start.py [--starts 10] [--kills 10] [--policy open]
+Run as root: .venv/bin/python bench/core_start.py [--starts 10] [--kills 10] [--policy open] [--idle 60]
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import Report, bench_main, log, require_root, save_results
+from benchlib import Report, bench_main, idle_wakeups, log, require_root, save_results
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
@@ -84,6 +87,7 @@ TPROXY_PORT = DEFAULT_TPROXY_PORT
 ATTEMPT_TIMEOUT = 1.0
 MAX_IN_FLIGHT = 400
 SETTLE = 0.3  # s of steady state after each recovery, before the next kill (plus 0-250 ms at random)
+IDLE_SETTLE = 2.0  # s after the last kill's recovery before the idle window (its aftermath is done)
 TIMER_ACCURACY = 0.25  # s: sd-event's default accuracy, which systemd's restart timer uses
 
 MANAGER_IFACE, TPROXYD_PATH, TPROXYD_NAME = names.MANAGER_IFACE, names.OBJECT_PATH, names.BUS_NAME
@@ -100,6 +104,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--kills", type=int, default=10, help="SIGKILL -> proxied again repeats (default 10)")
     parser.add_argument("--policy", choices=("open", "closed"), default="open", help="[tproxy] failure_policy")
     parser.add_argument("--interval", type=float, default=10.0, help="ms between connection attempts (default 10)")
+    parser.add_argument("--idle", type=float, default=60.0, help="idle window in seconds, 0 to skip (default 60)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) for inspection")
     args = parser.parse_args(argv)
     for name in ("starts", "kills"):
@@ -590,6 +595,18 @@ def measure_kill(lab: Lab, n: int) -> dict[str, Any]:
     return sample
 
 
+def measure_idle(lab: Lab, seconds: float) -> dict[str, Any]:
+    """tproxyd's wake-ups (context switches, all threads) over `seconds` with the supervised core
+    up and proxying and nothing changing; {} when `seconds` is 0."""
+    if seconds <= 0:
+        return {}
+    assert lab.tproxyd is not None
+    lab.wait("State active before the idle window", lambda: lab.state() == "active")
+    time.sleep(IDLE_SETTLE)
+    log(f"core_start: idle for {seconds:g} s")
+    return {"idle_s": seconds, "idle_switches": idle_wakeups(lab.tproxyd.pid, seconds)}
+
+
 def core_listeners(ns: str) -> tuple[int, int]:
     """TCP listeners on the tproxy port, IPv4 and IPv6 (v2ray sets SO_REUSEPORT: a second
     instance would bind the same port without an error)."""
@@ -633,6 +650,7 @@ def run(args: argparse.Namespace) -> Report:
         lab.observer.call("EnableLink", "ss", [LAN, "lan"])
         lab.wait("State active before the kills", lambda: lab.state() == "active")
         kills = [measure_kill(lab, n + 1) for n in range(args.kills)]
+        idle = measure_idle(lab, args.idle)
         listeners = core_listeners(gw)
         if listeners != (1, 1):
             lab.notes.append(f"listeners on the tproxy port (IPv4, IPv6) at the end: {listeners}, expected (1, 1)")
@@ -668,6 +686,7 @@ def run(args: argparse.Namespace) -> Report:
         "starts": _named(starts),
         "kills": _named(kills),
         "notes": lab.notes,
+        **idle,
     }
     return save_results("core_start", data)
 

@@ -41,6 +41,7 @@ from benchlib import (
     Report,
     bench_main,
     bypass_lines,
+    idle_wakeups,
     in_ns,
     log,
     netns,
@@ -78,14 +79,6 @@ def memory_kb(pid: int) -> dict[str, int]:
 
     uss = field(rollup, "Private_Clean") + field(rollup, "Private_Dirty")
     return {"rss": field(status, "VmRSS"), "uss": uss}
-
-
-def context_switches(pid: int) -> int:
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "status").read_text()
-        total += sum(int(n) for n in re.findall(r"^(?:non)?voluntary_ctxt_switches:\s+(\d+)", text, re.M))
-    return total
 
 
 def write_list(path: Path, v4: int, v6: int, seed_offset: int) -> str | None:
@@ -182,9 +175,7 @@ def one_run(
         time.sleep(2.0)
         out["after_reloads"] = memory_kb(pid)
         if idle > 0:
-            before = context_switches(pid)
-            time.sleep(idle)
-            out["idle_switches"] = context_switches(pid) - before
+            out["idle_switches"] = idle_wakeups(pid, idle)
             out["idle_s"] = idle
     finally:
         daemon.stop()
