@@ -316,6 +316,17 @@ def print_report(report: Report) -> None:
 
 # --- entry point ----------------------------------------------------------------------------------
 
+Option = tuple[str, Any, str]  # flag, default (its type is the option's), help without the default
+
+
+def bench_parser(doc: str | None, *options: Option) -> argparse.ArgumentParser:
+    """A benchmark's argument parser: its docstring as the description, and `options` that take
+    a value, each help text ending with the default. Flags of other kinds are added by the caller."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, default, text in options:
+        parser.add_argument(flag, type=type(default), default=default, help=f"{text} (default {default})")
+    return parser
+
 
 def bench_main(
     argv: Sequence[str],

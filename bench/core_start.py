@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import Report, bench_main, idle_wakeups, log, require_root, save_results
+from benchlib import Report, bench_main, bench_parser, idle_wakeups, log, require_root, save_results
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
@@ -99,12 +99,14 @@ PROPERTIES = names.PROPERTIES_IFACE
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--starts", type=int, default=10, help="EnableLink -> proxied repeats (default 10)")
-    parser.add_argument("--kills", type=int, default=10, help="SIGKILL -> proxied again repeats (default 10)")
+    parser = bench_parser(
+        __doc__,
+        ("--starts", 10, "EnableLink -> proxied repeats"),
+        ("--kills", 10, "SIGKILL -> proxied again repeats"),
+        ("--interval", 10.0, "ms between connection attempts"),
+        ("--idle", 60.0, "idle window in seconds (core up and proxying), 0 to skip"),
+    )
     parser.add_argument("--policy", choices=("open", "closed"), default="open", help="[tproxy] failure_policy")
-    parser.add_argument("--interval", type=float, default=10.0, help="ms between connection attempts (default 10)")
-    parser.add_argument("--idle", type=float, default=60.0, help="idle window in seconds, 0 to skip (default 60)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs) for inspection")
     args = parser.parse_args(argv)
     for name in ("starts", "kills"):
@@ -433,20 +435,17 @@ class Lab:
                 worker.stop()
 
 
-def build_topology(cli: str, gw: str, srv: str) -> None:
-    for ns in (cli, gw, srv):
-        e2e.new_namespace(ns)
-    e2e.add_veth(cli, "tpc-c0", gw, LAN)
-    e2e.add_veth(gw, WAN, srv, "tpc-s0")
-    e2e.add_addr(cli, "tpc-c0", f"{CLIENT}/24")
-    e2e.add_route(cli, "default", GW_LAN)
-    e2e.add_addr(gw, LAN, f"{GW_LAN}/24")
-    e2e.add_addr(gw, WAN, f"{GW_WAN}/24")
-    e2e.add_route(gw, "203.0.113.0/24", SRV_WAN)
-    e2e.enable_forwarding(gw)
-    e2e.add_addr(srv, "tpc-s0", f"{SRV_WAN}/24")
-    e2e.add_addr(srv, "lo", f"{SERVER}/32")
-    e2e.add_route(srv, "default", GW_WAN)
+def network(cli: str, gw: str, srv: str) -> e2e.Network:
+    return e2e.Network(
+        namespaces=(cli, gw, srv),
+        veths=(
+            (cli, "tpc-c0", f"{CLIENT}/24", gw, LAN, f"{GW_LAN}/24"),
+            (gw, WAN, f"{GW_WAN}/24", srv, "tpc-s0", f"{SRV_WAN}/24"),
+        ),
+        routes=((cli, "default", GW_LAN), (gw, "203.0.113.0/24", SRV_WAN), (srv, "default", GW_WAN)),
+        forwarding=(gw,),
+        addresses=((srv, "lo", f"{SERVER}/32"),),
+    )
 
 
 def start_tproxyd(lab: Lab, policy: str) -> subprocess.Popen[bytes]:
@@ -498,6 +497,28 @@ def _since(t0: float, t: float | None) -> float | None:
     return None if t is None else (t - t0) * 1000
 
 
+def _recovery(
+    obs: Observer, t0: float, unit: dict[str, Any], result: dict[str, Any], listening: dict[str, Any]
+) -> dict[str, Any]:
+    """The phases a start and a restart share, in ms from t0: the unit's ExecStartPre and main
+    start (from its properties after the sample), the core's listening sockets, tproxyd's
+    State=active and the first proxied connection."""
+    pre_start, pre_exit = _exec_start_pre(unit)
+    return {
+        "total": _since(t0, result["proxied"]),
+        "pre_start": _since(t0, pre_start),
+        "pre_exit": _since(t0, pre_exit),
+        "main": _since(t0, mono(unit["ExecMainStartTimestampMonotonic"])),
+        "active_enter": _since(t0, mono(unit["ActiveEnterTimestampMonotonic"])),
+        "listening": _since(t0, listening["listening"]),
+        "not_listening": _since(t0, listening["not_listening"]),
+        "state_active": _since(t0, obs.first("tproxyd", "State", ("active",), t0)),
+        "opened": _since(t0, result["opened"]),
+        "states": obs.sequence("tproxyd", "State", t0, result["proxied"]),
+        "attempts": result["after_t0"],
+    }
+
+
 def measure_start(lab: Lab, n: int) -> dict[str, Any]:
     """One sample: core stopped and nothing to proxy -> EnableLink -> first proxied connection."""
     assert lab.observer is not None
@@ -511,22 +532,7 @@ def measure_start(lab: Lab, n: int) -> dict[str, Any]:
         listening = watch.result(t0, "listening")
     lab.wait("State active", lambda: lab.state() == "active")
     unit = obs.unit()
-    pre_start, pre_exit = _exec_start_pre(unit)
-    active = obs.first("tproxyd", "State", ("active",), t0)
-    sample = {
-        "total": _since(t0, result["proxied"]),
-        "reply": _since(t0, replied),
-        "pre_start": _since(t0, pre_start),
-        "pre_exit": _since(t0, pre_exit),
-        "main": _since(t0, mono(unit["ExecMainStartTimestampMonotonic"])),
-        "active_enter": _since(t0, mono(unit["ActiveEnterTimestampMonotonic"])),
-        "listening": _since(t0, listening["listening"]),
-        "not_listening": _since(t0, listening["not_listening"]),
-        "state_active": _since(t0, active),
-        "opened": _since(t0, result["opened"]),
-        "states": obs.sequence("tproxyd", "State", t0, result["proxied"]),
-        "attempts": result["after_t0"],
-    }
+    sample = {**_recovery(obs, t0, unit, result, listening), "reply": _since(t0, replied)}
     log(f"core_start: start {n}: {sample['total']:.0f} ms to proxied")
     # Stop the core, then re-arm: nothing to proxy, master switch on, core still stopped.
     t_stop = time.perf_counter()
@@ -565,28 +571,16 @@ def measure_kill(lab: Lab, n: int) -> dict[str, Any]:
     after = lab.wait("the unit active with a new MainPID", restarted)
     if int(after["NRestarts"]) != restarts + 1:
         lab.notes.append(f"kill {n}: NRestarts went {restarts} -> {after['NRestarts']} (expected +1)")
-    pre_start, pre_exit = _exec_start_pre(after)
     outage = obs.first("tproxyd", "State", ("degraded", "blocked"), t0)
-    active = obs.first("tproxyd", "State", ("active",), t0)
     sample = {
-        "total": _since(t0, result["proxied"]),
+        **_recovery(obs, t0, after, result, listening),
         "failed": _since(t0, obs.first("unit", "ActiveState", ("failed",), t0)),
         # systemd 252: failed -> auto-restart -> (RestartSec timer) -> dead -> start-pre
         "dead": _since(t0, mono(after["InactiveEnterTimestampMonotonic"])),
-        "pre_start": _since(t0, pre_start),
-        "pre_exit": _since(t0, pre_exit),
-        "main": _since(t0, mono(after["ExecMainStartTimestampMonotonic"])),
-        "active_enter": _since(t0, mono(after["ActiveEnterTimestampMonotonic"])),
-        "listening": _since(t0, listening["listening"]),
-        "not_listening": _since(t0, listening["not_listening"]),
         "outage_state": _since(t0, outage),
-        "state_active": _since(t0, active),
         "first_direct": _since(t0, result["first_direct"]),
-        "opened": _since(t0, result["opened"]),
-        "states": obs.sequence("tproxyd", "State", t0, result["proxied"]),
         "core_states": obs.sequence("tproxyd", "CoreState", t0, result["proxied"]),
         "sub_states": _dedupe(obs.sequence("unit", "SubState", t0, result["proxied"])),
-        "attempts": result["after_t0"],
     }
     log(f"core_start: kill {n}: {sample['total']:.0f} ms to proxied again")
     # A random pause: the next kill falls at a random phase of systemd's coalesced timer wake-ups,
@@ -630,7 +624,7 @@ def run(args: argparse.Namespace) -> Report:
     tproxyd_rc: int | None = None
     try:
         log(f"core_start: namespaces {cli}, {gw}, {srv}; work directory {workdir}")
-        build_topology(cli, gw, srv)
+        network(cli, gw, srv).build()
         server = e2e.start_peer_server(srv, workdir / "server.log", (PORT,), ())
         bus.start()
         manager.start()

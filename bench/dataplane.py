@@ -40,6 +40,7 @@ from benchlib import (
     Goal,
     Report,
     bench_main,
+    bench_parser,
     bypass_lines,
     in_ns,
     log,
@@ -84,10 +85,13 @@ CONNTRACK_TABLE = (
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=5, help="iperf3 runs per condition (default 5)")
-    parser.add_argument("--seconds", type=int, default=5, help="iperf3 -t (default 5; 1 s omitted first)")
-    parser.add_argument("--bypass", type=int, default=100_000, help="IPv4 /24s in the bypass file (default 100000)")
+    parser = bench_parser(
+        __doc__,
+        ("--repeat", 5, "iperf3 runs per condition"),
+        ("--seconds", 5, "iperf3 -t, of which the first second is omitted"),
+        ("--bypass", 100_000, "IPv4 /24s in the bypass file"),
+        ("--json", RESULTS, "raw results"),
+    )
     parser.add_argument(
         "--no-diagnostics",
         dest="diagnostics",
@@ -95,7 +99,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="skip the conntrack-only and small-table conditions",
     )
     parser.add_argument("--baseline", type=Path, help="also run tproxyd from this tree's tproxy_service")
-    parser.add_argument("--json", type=Path, default=RESULTS, help=f"raw results (default {RESULTS})")
     return parser.parse_args(argv)
 
 

@@ -44,6 +44,7 @@ from typing import Any
 from benchlib import (
     SEED,
     Report,
+    bench_parser,
     bypass_lines,
     idle_wakeups,
     log,
@@ -68,19 +69,16 @@ IDLE_SETTLE = 2.0  # s after the last call before the idle window: deferred work
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=300, help="EnableLink+DisableLink pairs per run (default 300)")
-    parser.add_argument("--getall", type=int, default=1000, help="GetAll calls per run (default 1000)")
-    parser.add_argument("--parallel-pairs", type=int, default=50, help="pairs per client, 10 clients (default 50)")
-    parser.add_argument(
-        "--hung-pairs", type=int, default=25, help="pairs per run as root with polkitd stopped (default 25)"
-    )
-    parser.add_argument(
-        "--getall-interval", type=float, default=2.0, help="ms between GetAll starts during a Reload (default 2)"
-    )
-    parser.add_argument("--idle", type=float, default=60.0, help="idle window in seconds, 0 to skip (default 60)")
-    parser.add_argument("--runs", type=int, default=3, help="repetitions of every measurement (default 3)")
-    return parser.parse_args(argv)
+    return bench_parser(
+        __doc__,
+        ("--pairs", 300, "EnableLink+DisableLink pairs per run"),
+        ("--getall", 1000, "GetAll calls per run"),
+        ("--parallel-pairs", 50, "pairs per client, 10 clients"),
+        ("--hung-pairs", 25, "pairs per run as root with polkitd stopped"),
+        ("--getall-interval", 2.0, "ms between GetAll starts during a Reload"),
+        ("--idle", 60.0, "idle window in seconds, 0 to skip"),
+        ("--runs", 3, "repetitions of every measurement"),
+    ).parse_args(argv)
 
 
 # --- the worker: a client process ------------------------------------------------------------------

@@ -40,6 +40,7 @@ from benchlib import (
     Daemon,
     Report,
     bench_main,
+    bench_parser,
     bypass_lines,
     idle_wakeups,
     in_ns,
@@ -58,14 +59,16 @@ _BASELINE_LAUNCHER = (
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(
+        __doc__,
+        ("--sizes", "0,10000,100000", "IPv4 /24 counts"),
+        ("--v6", 2000, "IPv6 /48s with a list"),
+        ("--repeat", 3, "runs per variant and size"),
+        ("--reloads", 3, "changed-list Reloads per run"),
+        ("--idle", 60.0, "idle window in seconds (the daemon has no bus here)"),
+        ("--json", RESULTS, "raw results"),
+    )
     parser.add_argument("--baseline", type=Path, help="directory holding the baseline's tproxy_service package")
-    parser.add_argument("--sizes", default="0,10000,100000", help="IPv4 /24 counts (default 0,10000,100000)")
-    parser.add_argument("--v6", type=int, default=2000, help="IPv6 /48s with a list (default 2000)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per variant and size (default 3)")
-    parser.add_argument("--reloads", type=int, default=3, help="changed-list Reloads per run (default 3)")
-    parser.add_argument("--idle", type=float, default=60.0, help="idle window in seconds (default 60)")
-    parser.add_argument("--json", type=Path, default=RESULTS, help=f"raw results (default {RESULTS})")
     return parser.parse_args(argv)
 
 

@@ -36,6 +36,7 @@ from benchlib import (
     Goal,
     Report,
     bench_main,
+    bench_parser,
     bench_state,
     bypass_lines,
     log,
@@ -54,17 +55,14 @@ MODES = ("steady", "empty")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=7, help="timed runs per path and mode, sizes >= 50k (default 7)")
-    parser.add_argument(
-        "--repeat-small", type=int, default=15, help="timed runs per path and mode, sizes < 50k (default 15)"
-    )
-    parser.add_argument(
-        "--sizes", default="10000,100000", help="IPv4 /24 counts, comma separated (default 10000,100000)"
-    )
-    parser.add_argument("--v6", type=int, default=2000, help="IPv6 /48 count (default 2000)")
-    parser.add_argument("--json", type=Path, default=RESULTS, help=f"raw results (default {RESULTS})")
-    return parser.parse_args(argv)
+    return bench_parser(
+        __doc__,
+        ("--repeat", 7, "timed runs per path and mode, sizes >= 50k"),
+        ("--repeat-small", 15, "timed runs per path and mode, sizes < 50k"),
+        ("--sizes", "10000,100000", "IPv4 /24 counts, comma separated"),
+        ("--v6", 2000, "IPv6 /48 count"),
+        ("--json", RESULTS, "raw results"),
+    ).parse_args(argv)
 
 
 # --- worker (inside the namespace) --------------------------------------------------------------

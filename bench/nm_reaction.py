@@ -47,6 +47,7 @@ from typing import Any
 from benchlib import (
     Report,
     bench_main,
+    bench_parser,
     bypass_lines,
     log,
     run_worker,
@@ -67,16 +68,13 @@ PREPARE, ACTIVATED, DEACTIVATING = 40, 100, 110
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cycles", type=int, default=50, help="up/down cycles (default 50)")
-    parser.add_argument(
-        "--dispatcher", type=int, default=20, help="dispatcher script runs per tproxyd state (default 20)"
-    )
-    parser.add_argument(
-        "--activations", type=int, default=5, help="dispatcher script runs that D-Bus-activate tproxyd (default 5)"
-    )
-    parser.add_argument("--bypass", type=int, default=100_000, help="IPv4 /24s in the bypass file (default 100000)")
-    return parser.parse_args(argv)
+    return bench_parser(
+        __doc__,
+        ("--cycles", 50, "up/down cycles"),
+        ("--dispatcher", 20, "dispatcher script runs per tproxyd state"),
+        ("--activations", 5, "dispatcher script runs that D-Bus-activate tproxyd"),
+        ("--bypass", 100_000, "IPv4 /24s in the bypass file"),
+    ).parse_args(argv)
 
 
 # --- worker (in the gateway namespace) -------------------------------------------------------------

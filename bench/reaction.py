@@ -32,6 +32,7 @@ from benchlib import (
     Daemon,
     Report,
     bench_main,
+    bench_parser,
     bypass_lines,
     log,
     netns,
@@ -64,10 +65,11 @@ NFTA_LIST_ELEM, NFTA_SET_ELEM_KEY, NFTA_DATA_VALUE = 1, 1, 1
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cycles", type=int, default=50, help="address add/remove cycles (default 50)")
-    parser.add_argument("--bypass", type=int, default=100_000, help="IPv4 /24s in the bypass file (default 100000)")
-    return parser.parse_args(argv)
+    return bench_parser(
+        __doc__,
+        ("--cycles", 50, "address add/remove cycles"),
+        ("--bypass", 100_000, "IPv4 /24s in the bypass file"),
+    ).parse_args(argv)
 
 
 # --- netlink helpers (worker) -------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Any
 from benchlib import (
     Report,
     bench_main,
+    bench_parser,
     bench_state,
     bypass_lines,
     log,
@@ -43,19 +44,13 @@ OPS = ("add", "remove")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=200, help="add+remove cycles, ours (default 200)")
-    parser.add_argument(
-        "--lib-repeat", type=int, default=50, help="add+remove cycles, libnftables, below 100k (default 50)"
-    )
-    parser.add_argument(
-        "--lib-repeat-large",
-        type=int,
-        default=20,
-        help="add+remove cycles, libnftables, at 100k (default 20)",
-    )
-    parser.add_argument("--sizes", default="0,10000,100000", help="bypass IPv4 counts (default 0,10000,100000)")
-    return parser.parse_args(argv)
+    return bench_parser(
+        __doc__,
+        ("--repeat", 200, "add+remove cycles, ours"),
+        ("--lib-repeat", 50, "add+remove cycles, libnftables, below 100k"),
+        ("--lib-repeat-large", 20, "add+remove cycles, libnftables, at 100k"),
+        ("--sizes", "0,10000,100000", "bypass IPv4 counts"),
+    ).parse_args(argv)
 
 
 # --- worker (inside the namespace) --------------------------------------------------------------

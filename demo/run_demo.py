@@ -75,24 +75,21 @@ class Demo:
         return out.split("peer=", 1)[1].split()[0] if "peer=" in out else f"no answer ({out!r})"
 
 
-def build_network() -> None:
-    for ns in (CLI, GW, UP, SRV):
-        h.new_namespace(ns)
-    h.add_veth(CLI, "tpm-c0", GW, LAN_LINK)
-    h.add_veth(GW, UP_LINK, UP, "tpm-u0")
-    h.add_veth(UP, "tpm-u1", SRV, "tpm-s0")
-    h.add_addr(CLI, "tpm-c0", f"{CLIENT}/24")
-    h.add_route(CLI, "default", GW_LAN)
-    h.add_addr(GW, LAN_LINK, f"{GW_LAN}/24")
-    h.add_addr(GW, UP_LINK, f"{GW_UP}/24")
-    h.add_route(GW, "default", SOCKS)
-    h.enable_forwarding(GW)
-    h.add_addr(UP, "tpm-u0", f"{SOCKS}/24")
-    h.add_addr(UP, "tpm-u1", f"{ROUTER_SRV}/24")
-    h.add_route(UP, "10.90.0.0/24", GW_UP)
-    h.enable_forwarding(UP)
-    h.add_addr(SRV, "tpm-s0", f"{SERVER}/24")
-    h.add_route(SRV, "default", ROUTER_SRV)
+NETWORK = h.Network(
+    namespaces=(CLI, GW, UP, SRV),
+    veths=(
+        (CLI, "tpm-c0", f"{CLIENT}/24", GW, LAN_LINK, f"{GW_LAN}/24"),
+        (GW, UP_LINK, f"{GW_UP}/24", UP, "tpm-u0", f"{SOCKS}/24"),
+        (UP, "tpm-u1", f"{ROUTER_SRV}/24", SRV, "tpm-s0", f"{SERVER}/24"),
+    ),
+    routes=(
+        (CLI, "default", GW_LAN),
+        (GW, "default", SOCKS),
+        (UP, "10.90.0.0/24", GW_UP),
+        (SRV, "default", ROUTER_SRV),
+    ),
+    forwarding=(GW, UP),
+)
 
 
 def write_json(path: Path, data: object) -> Path:
@@ -112,7 +109,7 @@ def run_demo(demo: Demo, stack: ExitStack) -> None:
     w = demo.workdir
     demo.step("A sandbox network: LAN client -> gateway -> SOCKS proxy/router -> server (namespaces tpm-*)")
     stack.callback(lambda: [h.delete_namespace(ns) for ns in (CLI, GW, UP, SRV)])
-    build_network()
+    NETWORK.build()
     stack.enter_context(process(h.start_peer_server(SRV, w / "server.log", (8080,), ())))
     socks = write_json(
         w / "socks.json",

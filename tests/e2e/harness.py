@@ -166,6 +166,34 @@ def delete_namespace(name: str) -> None:
     run("ip", "netns", "del", name, check=False)
 
 
+@dataclass(frozen=True)
+class Network:
+    """A small routed network of namespaces: veth pairs with an address on each end (ns, ifname,
+    cidr, peer ns, peer ifname, peer cidr), routes (ns, destination, gateway), the namespaces
+    that forward, and more addresses (ns, ifname, cidr)."""
+
+    namespaces: tuple[str, ...]
+    veths: tuple[tuple[str, str, str, str, str, str], ...]
+    routes: tuple[tuple[str, str, str], ...]
+    forwarding: tuple[str, ...]
+    addresses: tuple[tuple[str, str, str], ...] = ()
+
+    def build(self) -> None:
+        """Create it; routes come after the addresses their gateways are reached by."""
+        for ns in self.namespaces:
+            new_namespace(ns)
+        for ns, ifname, cidr, peer_ns, peer_ifname, peer_cidr in self.veths:
+            add_veth(ns, ifname, peer_ns, peer_ifname)
+            add_addr(ns, ifname, cidr)
+            add_addr(peer_ns, peer_ifname, peer_cidr)
+        for address in self.addresses:
+            add_addr(*address)
+        for route in self.routes:
+            add_route(*route)
+        for ns in self.forwarding:
+            enable_forwarding(ns)
+
+
 def build_topology() -> None:
     for ns in NAMESPACES:
         new_namespace(ns)
