@@ -229,9 +229,11 @@ def reload_under_getall(
     client = GetAllClient(stack.bus, interval_ms)
     try:
         t0, t1 = asyncio.run(_reload_call(stack.bus.address))
-        time.sleep(TAIL)
-    finally:
-        samples = client.samples()
+    except BaseException:
+        h.stop_pid(client.proc)
+        raise
+    time.sleep(TAIL)
+    samples = client.samples()
     if not in_bypass4(daemon, probe):
         raise RuntimeError(f"{probe} is not in bypass4 after the Reload's reply")
     return {
@@ -258,14 +260,14 @@ def measure_reloads(
     updated, added = replace_v4_lines(original, count, SEED + 1000 + run_no)
     result = {"update": reload_under_getall(stack, daemon, bypass, updated, added[0], interval_ms)}
     fresh = bypass_lines(BYPASS_V4, BYPASS_V6, seed=SEED + 2000 + run_no)
-    probe = next(line for line in fresh if _is_new_v4(line, original))
+    probe = next(line for line in fresh if _is_new_v4(line, updated))  # not loaded before
     result["new"] = reload_under_getall(stack, daemon, bypass, fresh, probe, interval_ms)
     result["update_lines"] = count
     return result
 
 
-def _is_new_v4(line: str, original: Sequence[str]) -> bool:
-    return line.endswith("/24") and line not in original
+def _is_new_v4(line: str, loaded: Sequence[str]) -> bool:
+    return line.endswith("/24") and line not in loaded
 
 
 @contextlib.contextmanager
