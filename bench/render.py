@@ -166,14 +166,7 @@ def footprint(data: dict[str, Any], nft_f_ms: Callable[[int], float | None]) -> 
             )
         idle = [r for r in ours if "idle_switches" in r]
         if idle:
-            goals.append(
-                (
-                    f"idle wake-ups over {idle[0]['idle_s']:.0f} s, without a bus (unsupervised core)",
-                    "0",
-                    str(idle[0]["idle_switches"]),
-                    idle[0]["idle_switches"] == 0,
-                )
-            )
+            goals += idle_goal(idle[0], "without a bus (unsupervised core)")
     idle_rows = [
         [r["variant"], f"{r['idle_s']:.0f}", str(r["idle_switches"])] for r in data["samples"] if "idle_switches" in r
     ]
