@@ -46,28 +46,28 @@ def run(
     return proc
 
 
+def _poll(predicate: Callable[[], T | None], deadline: float, timeout: float, what: str) -> T | None:
+    """One look at `predicate`: its value, or AssertionError when it is falsy past `deadline`."""
+    value = predicate()
+    if not value and time.monotonic() > deadline:
+        raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last value: {value!r})")
+    return value
+
+
 def wait_until(predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.02) -> T:
     """Poll `predicate` until it returns something truthy; fail with `what` after `timeout` s."""
     deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last value: {value!r})")
+    while not (value := _poll(predicate, deadline, timeout, what)):
         time.sleep(interval)
+    return value
 
 
 async def wait_until_async(predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.005) -> T:
     """`wait_until` for code running on an event loop: polls without blocking the loop."""
     deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last value: {value!r})")
+    while not (value := _poll(predicate, deadline, timeout, what)):
         await asyncio.sleep(interval)
+    return value
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:
