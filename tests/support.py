@@ -8,6 +8,7 @@ Everything here only reads the main namespace; `stop_process` only ever signals 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
@@ -15,10 +16,11 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, Literal, TypeVar
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Literal, ParamSpec, TypeVar
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 # --- processes and waiting ------------------------------------------------------------------------
@@ -68,6 +70,17 @@ async def wait_until_async(predicate: Callable[[], T | None], timeout: float, wh
     while not (value := _poll(predicate, deadline, timeout, what)):
         await asyncio.sleep(interval)
     return value
+
+
+def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
+    """Lets pytest (which has no asyncio plugin here) run an `async def` test: each run gets a
+    fresh event loop. pytest still sees the test's own parameters (fixtures, parametrize)."""
+
+    @functools.wraps(test)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        asyncio.run(test(*args, **kwargs))
+
+    return run
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:

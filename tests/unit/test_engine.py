@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
-from typing import TypeVar
 
 import pytest
 
 from tproxy_service.cidrs import parse_cidrs
+from tproxy_service.control import Control
 from tproxy_service.desired import local_subnets, too_wide_subnets
-from tproxy_service.engine import Engine
+from tproxy_service.engine import Engine, EngineStatus
 from tproxy_service.errors import KernelError
 from tproxy_service.model import (
     AddressFact,
@@ -30,9 +31,9 @@ from tproxy_service.model import (
     TproxySettings,
 )
 from tproxy_service.rules.nft import SetChange
-from tproxy_service.state_store import Choices
+from tproxy_service.state_store import Choices, StateStore
 
-T = TypeVar("T")
+from ..support import async_test
 
 
 class FakeNft:
@@ -97,8 +98,41 @@ class FakeFacts:
         return self.facts
 
 
-def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
-    return asyncio.run(coro_fn())  # type: ignore[arg-type]
+@contextlib.asynccontextmanager
+async def started(engine: Engine) -> AsyncIterator[EngineStatus]:
+    """The engine's loop running and its startup pass done (its status is what `as` gets);
+    stopped, its rules taken out, at the end of the block."""
+    engine.start()
+    yield await engine.reconcile("startup")
+    await engine.stop()
+
+
+def control_for(engine: Engine, store: StateStore, refreshed: list[str] | None = None) -> Control:
+    """A Control on `engine` whose config is the engine's (a Reload re-applies it); `refreshed`
+    records each NetworkManager refresh."""
+
+    async def read_config() -> Config:
+        return engine.config
+
+    async def apply_config(config: Config) -> int:
+        engine.set_config(config)
+        return engine.request("reload")
+
+    async def refresh() -> None:
+        if refreshed is not None:
+            refreshed.append("refresh")
+
+    return Control(engine, store, read_config, apply_config, refresh)
+
+
+@contextlib.asynccontextmanager
+async def serving(control: Control, engine: Engine, remove: bool = True) -> AsyncIterator[None]:
+    """As the daemon starts: the saved choices restored, then the engine's loop running (its first
+    pass is whatever the block asks for); stopped at the end, with `remove` taking the rules out."""
+    control.restore()
+    engine.start()
+    yield
+    await engine.stop(remove=remove)
 
 
 def choose(engine: Engine, links: Mapping[str, LinkMode | None]) -> int:
@@ -124,112 +158,83 @@ def make(links: dict[str, LinkMode] | None = None) -> tuple[Engine, FakeNft, Fak
     return Engine(config, nft, routing, facts), nft, routing, facts
 
 
-def test_first_pass_replaces_and_routes() -> None:
-    async def body() -> None:
-        engine, nft, routing, _ = make()
-        engine.start()
-        status = await engine.reconcile("startup")
+@async_test
+async def test_first_pass_replaces_and_routes() -> None:
+    engine, nft, routing, _ = make()
+    async with started(engine) as status:
         assert status.state is ServiceState.ACTIVE and status.active_links == ("eth0",)
         assert nft.calls == ["replace"] and routing.calls[0] == "ensure"
         assert nft.table is not None and nft.table.lan_links == {"eth0"}
         assert len(routing.installed) == 4  # rule + route, both families
-        await engine.stop()
-
-    run(body)
 
 
-def test_first_pass_with_nothing_configured_cleans_leftovers() -> None:
-    async def body() -> None:
-        engine, nft, routing, _ = make(links={})
-        engine.start()
-        status = await engine.reconcile("startup")
+@async_test
+async def test_first_pass_with_nothing_configured_cleans_leftovers() -> None:
+    engine, nft, routing, _ = make(links={})
+    async with started(engine) as status:
         assert status.state is ServiceState.OFF
         assert nft.calls == ["delete"] and routing.calls == ["remove"]
-        await engine.stop()
-
-    run(body)
 
 
-def test_link_toggle_is_an_element_update_not_a_replace() -> None:
-    async def body() -> None:
-        engine, nft, routing, _ = make()
-        engine.start()
-        await engine.reconcile("startup")
+@async_test
+async def test_link_toggle_is_an_element_update_not_a_replace() -> None:
+    engine, nft, routing, _ = make()
+    async with started(engine):
         routing.calls.clear()
         await engine.wait_for(choose(engine, {"eth0": LinkMode.LAN, "wlan0": LinkMode.HOST}))
         assert nft.calls == ["replace", "elements:host_links"]
         assert routing.calls == []  # routing unchanged: not touched
         assert engine.status.active_links == ("eth0",)  # wlan0 configured but absent
-        await engine.stop()
-
-    run(body)
 
 
-def test_idempotent_pass_changes_nothing() -> None:
-    async def body() -> None:
-        engine, nft, routing, _ = make()
-        engine.start()
-        await engine.reconcile("startup")
+@async_test
+async def test_idempotent_pass_changes_nothing() -> None:
+    engine, nft, routing, _ = make()
+    async with started(engine):
         calls = (list(nft.calls), list(routing.calls))
         await engine.reconcile("again")
         await engine.wait_for(choose(engine, {"eth0": LinkMode.LAN}))
         assert (nft.calls, routing.calls) == calls
-        await engine.stop()
-
-    run(body)
 
 
-def test_burst_of_requests_coalesces() -> None:
-    async def body() -> None:
-        engine, _nft, _routing, facts = make()
-        engine.start()
-        await engine.reconcile("startup")
+@async_test
+async def test_burst_of_requests_coalesces() -> None:
+    engine, _nft, _routing, facts = make()
+    async with started(engine):
         before = engine.passes
         tickets = [engine.request(f"event {i}") for i in range(100)]
         await engine.wait_for(tickets[-1])
         assert engine.passes - before <= 2, "100 requests made while idle must coalesce into 1-2 passes"
         assert facts.reads == engine.passes
-        await engine.stop()
-
-    run(body)
 
 
-def test_new_address_updates_local_set_only() -> None:
-    async def body() -> None:
-        engine, nft, _routing, facts = make()
-        engine.start()
-        await engine.reconcile("startup")
+@async_test
+async def test_new_address_updates_local_set_only() -> None:
+    engine, nft, _routing, facts = make()
+    async with started(engine):
         facts.facts = Facts(
             links=facts.facts.links,
             addresses=(*facts.facts.addresses, AddressFact(2, 6, "2001:db8:5::1", 64)),
         )
         await engine.reconcile("address added")
         assert nft.calls[-1] == "elements:local6"
-        await engine.stop()
-
-    run(body)
 
 
-def test_failed_element_update_falls_back_to_replace() -> None:
-    async def body() -> None:
-        engine, nft, _routing, _ = make()
-        engine.start()
-        await engine.reconcile("startup")
+@async_test
+async def test_failed_element_update_falls_back_to_replace() -> None:
+    engine, nft, _routing, _ = make()
+    async with started(engine):
         nft.fail_elements = True
         status = await engine.wait_for(choose(engine, {"eth1": LinkMode.LAN}))
         assert nft.calls[-2:] == ["elements:lan_links", "replace"]
         assert status.state is ServiceState.ACTIVE
         assert nft.table is not None and nft.table.lan_links == {"eth1"}
-        await engine.stop()
-
-    run(body)
 
 
-def test_failed_routing_rolls_back_to_previous_state() -> None:
-    async def body() -> None:
-        engine, nft, routing, _ = make()
-        engine.start()
-        await engine.reconcile("startup")
+@async_test
+async def test_failed_routing_rolls_back_to_previous_state() -> None:
+    engine, nft, routing, _ = make()
+    async with started(engine):
         good_table, good_routes = nft.table, set(routing.installed)
         routing.fail_ensure = True
         # A config change that needs new routing (other table): ensure fails -> rollback.
@@ -239,16 +244,12 @@ def test_failed_routing_rolls_back_to_previous_state() -> None:
         assert nft.table == good_table
         routing.fail_ensure = False
         assert routing.installed == good_routes
-        await engine.stop()
-
-    run(body)
 
 
-def test_failed_replace_reports_and_keeps_previous() -> None:
-    async def body() -> None:
-        engine, nft, _routing, _ = make()
-        engine.start()
-        await engine.reconcile("startup")
+@async_test
+async def test_failed_replace_reports_and_keeps_previous() -> None:
+    engine, nft, _routing, _ = make()
+    async with started(engine):
         good = nft.table
         nft.fail_replace = True
         bad = Config(link_defaults={"eth0": LinkMode.LAN}, tproxy=type(engine.config.tproxy)(port=999))
@@ -258,19 +259,14 @@ def test_failed_replace_reports_and_keeps_previous() -> None:
         nft.fail_replace = False
         status = await engine.reconcile("retry")
         assert status.state is ServiceState.ACTIVE and nft.table is not None and nft.table.settings.port == 999
-        await engine.stop()
-
-    run(body)
 
 
-def test_clean_rollback_restores_previous_state_and_keeps_the_cache() -> None:
+@async_test
+async def test_clean_rollback_restores_previous_state_and_keeps_the_cache() -> None:
     """The failing step fails once: the rollback itself succeeds (the tests above keep the fault
     during the rollback, so they only see "the rollback failed too")."""
-
-    async def body() -> None:
-        engine, nft, routing, _ = make()
-        engine.start()
-        await engine.reconcile("startup")
+    engine, nft, routing, _ = make()
+    async with started(engine):
         good_config, good_table, good_routes = engine.config, nft.table, set(routing.installed)
         # New routing table and port: the routing is switched first, then the table replace fails.
         bad = Config(link_defaults={"eth0": LinkMode.LAN}, tproxy=TproxySettings(port=999, route_table=200))
@@ -286,16 +282,12 @@ def test_clean_rollback_restores_previous_state_and_keeps_the_cache() -> None:
         status = await engine.wait_for(configure(engine, good_config))
         assert status.state is ServiceState.ACTIVE
         assert (nft.calls, routing.calls) == (nft_calls, routing_calls)
-        await engine.stop()
-
-    run(body)
 
 
-def test_drift_forces_replace_and_reapply_checks_table() -> None:
-    async def body() -> None:
-        engine, nft, routing, _ = make()
-        engine.start()
-        await engine.reconcile("startup")
+@async_test
+async def test_drift_forces_replace_and_reapply_checks_table() -> None:
+    engine, nft, routing, _ = make()
+    async with started(engine):
         await engine.wait_for(engine.request("someone deleted it", nft_drift=True))
         assert nft.calls[-1] == "replace"
         nft.present = False  # deleted behind our back, no event seen
@@ -303,52 +295,37 @@ def test_drift_forces_replace_and_reapply_checks_table() -> None:
         await engine.wait_for(engine.reapply())
         assert nft.calls[-1] == "replace" and nft.present
         assert len(routing.installed) == 4
-        await engine.stop()
-
-    run(body)
 
 
-def test_disable_removes_everything_and_stop_cleans_up() -> None:
-    async def body() -> None:
-        engine, nft, routing, _ = make()
-        engine.start()
-        await engine.reconcile("startup")
+@async_test
+async def test_disable_removes_everything_and_stop_cleans_up() -> None:
+    engine, nft, routing, _ = make()
+    async with started(engine):
         status = await engine.wait_for(switch(engine, False))
         assert status.state is ServiceState.OFF and nft.table is None and not routing.installed
         await engine.wait_for(switch(engine, True))
         assert nft.table is not None
-        await engine.stop(remove=True)
-        assert nft.table is None and not routing.installed
-
-    run(body)
+    assert nft.table is None and not routing.installed
 
 
-def test_listener_sees_status_changes() -> None:
-    async def body() -> None:
-        engine, _nft, _routing, _ = make()
-        seen: list[ServiceState] = []
-        engine.add_listener(lambda s: seen.append(s.state))
-        engine.start()
-        await engine.reconcile("startup")
+@async_test
+async def test_listener_sees_status_changes() -> None:
+    engine, _nft, _routing, _ = make()
+    seen: list[ServiceState] = []
+    engine.add_listener(lambda s: seen.append(s.state))
+    async with started(engine):
         await engine.wait_for(switch(engine, False))
         assert seen == [ServiceState.ACTIVE, ServiceState.OFF]
-        await engine.stop()
-
-    run(body)
 
 
 @pytest.mark.parametrize("mode", list(LinkMode))
-def test_modes_fill_the_right_sets(mode: LinkMode) -> None:
-    async def body() -> None:
-        engine, nft, _routing, _ = make(links={"eth0": mode})
-        engine.start()
-        await engine.reconcile("startup")
+@async_test
+async def test_modes_fill_the_right_sets(mode: LinkMode) -> None:
+    engine, nft, _routing, _ = make(links={"eth0": mode})
+    async with started(engine):
         assert nft.table is not None
         assert ("eth0" in nft.table.lan_links) == (mode in (LinkMode.LAN, LinkMode.BOTH))
         assert ("eth0" in nft.table.host_links) == (mode in (LinkMode.HOST, LinkMode.BOTH))
-        await engine.stop()
-
-    run(body)
 
 
 class FakeCore:
@@ -366,11 +343,10 @@ def make_with_a_core(policy: FailurePolicy) -> tuple[Engine, FakeNft, FakeCore]:
     return Engine(config, nft, routing, facts, core), nft, core
 
 
-def test_core_lifecycle_open_policy() -> None:
-    async def body() -> None:
-        engine, nft, core = make_with_a_core(FailurePolicy.OPEN)
-        engine.start()
-        status = await engine.reconcile("startup")
+@async_test
+async def test_core_lifecycle_open_policy() -> None:
+    engine, nft, core = make_with_a_core(FailurePolicy.OPEN)
+    async with started(engine) as status:
         assert core.wants[-1] is True
         assert status.state is ServiceState.STARTING and status.core_state == "inactive"
         assert nft.table is not None and not nft.table.lan_links, "no diversion before the core listens"
@@ -378,30 +354,26 @@ def test_core_lifecycle_open_policy() -> None:
         status = await engine.reconcile("core ready")
         assert status.state is ServiceState.ACTIVE and status.active_links == ("eth0",)
         assert nft.calls == ["replace", "elements:host_links,lan_links"], "core up/down is an element update"
-        core.status = CoreStatus(active_state="failed", ready=False, detail="nothing listens on tcp/IPv4 port 12345")
+        refused = "nothing listens on tcp/IPv4 port 12345"
+        core.status = CoreStatus(active_state="failed", ready=False, detail=refused)
         status = await engine.reconcile("core failed")
         assert status.state is ServiceState.DEGRADED and "nothing listens" in status.last_error
         assert status.active_links == () and nft.calls[-1] == "elements:host_links,lan_links"
         await engine.wait_for(switch(engine, False))
         assert core.wants[-1] is False and engine.status.state is ServiceState.OFF
-        await engine.stop()
-
-    run(body)
 
 
-def test_core_outage_closed_policy_keeps_diversion() -> None:
-    async def body() -> None:
-        engine, nft, core = make_with_a_core(FailurePolicy.CLOSED)
-        engine.start()
-        core.status = CoreStatus(active_state="active", ready=True)
-        assert (await engine.reconcile("startup")).state is ServiceState.ACTIVE
-        core.status = CoreStatus(active_state="activating", ready=False, detail="restarting")
-        status = await engine.reconcile("core died")
-        assert status.state is ServiceState.BLOCKED and status.active_links == ("eth0",)
-        assert nft.calls == ["replace"], "closed: the diversion (and its final drop) stays in place"
-        await engine.stop()
-
-    run(body)
+@async_test
+async def test_core_outage_closed_policy_keeps_diversion() -> None:
+    engine, nft, core = make_with_a_core(FailurePolicy.CLOSED)
+    engine.start()
+    core.status = CoreStatus(active_state="active", ready=True)
+    assert (await engine.reconcile("startup")).state is ServiceState.ACTIVE
+    core.status = CoreStatus(active_state="activating", ready=False, detail="restarting")
+    status = await engine.reconcile("core died")
+    assert status.state is ServiceState.BLOCKED and status.active_links == ("eth0",)
+    assert nft.calls == ["replace"], "closed: the diversion (and its final drop) stays in place"
+    await engine.stop()
 
 
 class FakeFirewall:
@@ -414,50 +386,38 @@ class FakeFirewall:
         return self.problem if lan_links else None
 
 
-def test_host_firewalls_admit_our_mark_only_while_a_lan_link_is_proxied() -> None:
-    async def body() -> None:
-        nft, routing, facts, firewall = FakeNft(), FakeRouting(), FakeFacts(), FakeFirewall()
-        engine = Engine(Config(link_defaults={"eth0": LinkMode.LAN}), nft, routing, facts, firewalls=(firewall,))
-        engine.start()
-        await engine.reconcile("startup")
+@async_test
+async def test_host_firewalls_admit_our_mark_only_while_a_lan_link_is_proxied() -> None:
+    nft, routing, facts, firewall = FakeNft(), FakeRouting(), FakeFacts(), FakeFirewall()
+    engine = Engine(Config(link_defaults={"eth0": LinkMode.LAN}), nft, routing, facts, firewalls=(firewall,))
+    async with started(engine):
         assert firewall.marks == [TproxySettings().mark]
         await engine.wait_for(choose(engine, {"eth0": LinkMode.HOST}))  # host mode re-enters via lo
         assert firewall.marks[-1] is None
         await engine.wait_for(choose(engine, {"eth0": LinkMode.LAN}))
         assert firewall.marks[-1] == TproxySettings().mark
-        await engine.stop()
-        assert firewall.marks[-1] is None, "stopping must take our rule out of the firewalls"
-
-    run(body)
+    assert firewall.marks[-1] is None, "stopping must take our rule out of the firewalls"
 
 
-def test_a_firewall_that_cannot_admit_degrades_with_its_reason() -> None:
-    async def body() -> None:
-        firewall = FakeFirewall("firewalld runs its iptables backend; run: X")
-        engine = Engine(
-            Config(link_defaults={"eth0": LinkMode.LAN}), FakeNft(), FakeRouting(), FakeFacts(), firewalls=(firewall,)
-        )
-        engine.start()
-        status = await engine.reconcile("startup")
+@async_test
+async def test_a_firewall_that_cannot_admit_degrades_with_its_reason() -> None:
+    firewall = FakeFirewall("firewalld runs its iptables backend; run: X")
+    engine = Engine(
+        Config(link_defaults={"eth0": LinkMode.LAN}), FakeNft(), FakeRouting(), FakeFacts(), firewalls=(firewall,)
+    )
+    async with started(engine) as status:
         assert status.state is ServiceState.DEGRADED
         assert status.last_error == "firewalld runs its iptables backend; run: X"
-        await engine.stop()
-
-    run(body)
 
 
-def test_arm_blocks_before_the_core_is_asked_and_the_first_pass_keeps_it() -> None:
-    async def body() -> None:
-        engine, nft, core = make_with_a_core(FailurePolicy.CLOSED)
-        await engine.arm()  # before the loop runs: no core job, the table with its final drop
-        assert nft.calls == ["replace"] and core.wants == []
-        assert nft.table is not None and nft.table.lan_links == frozenset({"eth0"})
-        engine.start()
-        status = await engine.reconcile("startup")
+@async_test
+async def test_arm_blocks_before_the_core_is_asked_and_the_first_pass_keeps_it() -> None:
+    engine, nft, core = make_with_a_core(FailurePolicy.CLOSED)
+    await engine.arm()  # before the loop runs: no core job, the table with its final drop
+    assert nft.calls == ["replace"] and core.wants == []
+    assert nft.table is not None and nft.table.lan_links == frozenset({"eth0"})
+    async with started(engine) as status:
         assert status.state is ServiceState.STARTING and nft.calls == ["replace"], "taken over, not rebuilt"
-        await engine.stop()
-
-    run(body)
 
 
 WIDE_FACTS = Facts(
@@ -484,19 +444,15 @@ def test_too_wide_connected_prefixes_are_not_bypassed() -> None:
     assert too_wide_subnets(WIDE_FACTS, anything) == ()
 
 
-def test_too_wide_connected_prefixes_are_logged_once_per_change(caplog: pytest.LogCaptureFixture) -> None:
-    async def body() -> None:
-        engine, _nft, _routing, facts = make()
-        facts.facts = WIDE_FACTS
-        engine.start()
-        await engine.reconcile("startup")
-        await engine.reconcile("again")
-        configure(engine, Config(link_defaults={"eth0": LinkMode.LAN}, bypass=BypassSettings(local_min_prefix4=1)))
-        await engine.reconcile("config")
-        await engine.stop()
-
+@async_test
+async def test_too_wide_connected_prefixes_are_logged_once_per_change(caplog: pytest.LogCaptureFixture) -> None:
+    engine, _nft, _routing, facts = make()
+    facts.facts = WIDE_FACTS
     with caplog.at_level(logging.WARNING):
-        run(body)
+        async with started(engine):
+            await engine.reconcile("again")
+            configure(engine, Config(link_defaults={"eth0": LinkMode.LAN}, bypass=BypassSettings(local_min_prefix4=1)))
+            await engine.reconcile("config")
     warnings = [r.getMessage() for r in caplog.records if "not bypassing connected prefixes" in r.getMessage()]
     assert len(warnings) == 2, warnings
     assert "130.0.0.1/1, 2001:db8::1/32" in warnings[0] and "/16 (IPv4) or /48 (IPv6)" in warnings[0]

@@ -22,7 +22,8 @@ from tproxy_service.model import (
 )
 from tproxy_service.state_store import StateStore
 
-from .test_engine import FakeFacts, FakeNft, FakeRouting, run
+from ..support import async_test
+from .test_engine import FakeFacts, FakeNft, FakeRouting, control_for, serving, started
 
 CAFE = NmConnection("wlan0", "wifi", "Cafe", "11111111-1111-1111-1111-111111111111", shared=False)
 HOTSPOT = NmConnection("wlan0", "wifi", "Hotspot", "22222222-2222-2222-2222-222222222222", shared=True)
@@ -33,18 +34,17 @@ def make(tmp_path: Path) -> tuple[Engine, Control, FakeNft]:
     nft, facts = FakeNft(), FakeFacts()
     facts.facts = dataclasses.replace(facts.facts, links=(*facts.facts.links, LinkFact("wlan0", 3, True)))
     engine = Engine(Config(networkmanager=POLICIES), nft, FakeRouting(), facts)
-    return engine, control_for(engine, tmp_path), nft
+    return engine, control_for(engine, StateStore(tmp_path)), nft
 
 
 def up(*connections: NmConnection) -> NmFacts:
     return NmFacts(running=True, connections=connections)
 
 
-def test_connections_coming_and_going_are_element_updates(tmp_path: Path) -> None:
-    async def body() -> None:
-        engine, control, nft = make(tmp_path)
-        engine.start()
-        status = await engine.reconcile("startup")
+@async_test
+async def test_connections_coming_and_going_are_element_updates(tmp_path: Path) -> None:
+    engine, control, nft = make(tmp_path)
+    async with started(engine) as status:
         # Policies configured: the table is armed with empty link sets, so a connection never
         # costs a rebuild.
         assert nft.calls == ["replace"] and nft.table is not None and not nft.table.host_links
@@ -60,57 +60,31 @@ def test_connections_coming_and_going_are_element_updates(tmp_path: Path) -> Non
         # The same facts again: no kernel work at all.
         await engine.wait_for(control.set_network(up(HOTSPOT), "again"))
         assert len(nft.calls) == 4
-        await engine.stop()
-
-    run(body)
 
 
-def test_without_policies_or_links_there_is_no_table() -> None:
-    async def body() -> None:
-        nft = FakeNft()
-        engine = Engine(Config(), nft, FakeRouting(), FakeFacts())
-        engine.start()
-        status = await engine.reconcile("startup")
+@async_test
+async def test_without_policies_or_links_there_is_no_table() -> None:
+    nft = FakeNft()
+    engine = Engine(Config(), nft, FakeRouting(), FakeFacts())
+    async with started(engine) as status:
         assert status.state is ServiceState.OFF and nft.table is None
-        await engine.stop()
-
-    run(body)
 
 
-def test_auto_choice_follows_the_connection_on_the_link(tmp_path: Path) -> None:
-    async def body() -> None:
-        engine, control, nft = make(tmp_path)
-        engine.start()
+@async_test
+async def test_auto_choice_follows_the_connection_on_the_link(tmp_path: Path) -> None:
+    engine, control, nft = make(tmp_path)
+    async with serving(control, engine):
         await control.enable_link("wlan0", LinkChoice.AUTO)
         assert engine.proxied_links == {"wlan0": LinkMode.HOST}
         await engine.wait_for(control.set_network(up(HOTSPOT), "hotspot up"))
         assert engine.proxied_links == {"wlan0": LinkMode.LAN}
         assert nft.calls[-1] == "elements:host_links,lan_links"  # moved from one set to the other
-        await engine.stop()
-
-    run(body)
 
 
-def control_for(engine: Engine, tmp_path: Path, refreshed: list[str] | None = None) -> Control:
-    async def read_config() -> Config:
-        return engine.config
-
-    async def apply_config(config: Config) -> int:
-        engine.set_config(config)
-        return engine.request("reload")
-
-    async def refresh() -> None:
-        if refreshed is not None:
-            refreshed.append("refresh")
-
-    return Control(engine, StateStore(tmp_path), read_config, apply_config, refresh)
-
-
-def test_disable_of_a_policy_link_lasts_until_its_connection_leaves(tmp_path: Path) -> None:
-    async def body() -> None:
-        engine, control, _nft = make(tmp_path)
-        control.restore()
-        engine.start()
+@async_test
+async def test_disable_of_a_policy_link_lasts_until_its_connection_leaves(tmp_path: Path) -> None:
+    engine, control, _nft = make(tmp_path)
+    async with serving(control, engine):
         await engine.wait_for(control.set_network(up(CAFE), "cafe up"))
         assert engine.status.active_links == ("wlan0",)
         assert control.link_choices == {}  # `Links` shows manual choices only
@@ -124,34 +98,23 @@ def test_disable_of_a_policy_link_lasts_until_its_connection_leaves(tmp_path: Pa
         await engine.wait_for(control.set_network(up(), "cafe down"))
         await engine.wait_for(control.set_network(up(CAFE), "cafe up again"))
         assert engine.status.active_links == ("wlan0",)
-        await engine.stop()
-
-    run(body)
 
 
-def test_manual_choice_stays_when_its_connection_leaves(tmp_path: Path) -> None:
-    async def body() -> None:
-        engine, control, _nft = make(tmp_path)
-        control.restore()
-        engine.start()
+@async_test
+async def test_manual_choice_stays_when_its_connection_leaves(tmp_path: Path) -> None:
+    engine, control, _nft = make(tmp_path)
+    async with serving(control, engine):
         await engine.wait_for(control.set_network(up(CAFE), "cafe up"))
         await control.enable_link("wlan0", LinkChoice.BOTH)
         await engine.wait_for(control.set_network(up(), "cafe down"))
         assert engine.proxied_links == {"wlan0": LinkMode.BOTH} and control.link_choices == {"wlan0": "both"}
-        await engine.stop()
-
-    run(body)
 
 
-def test_reapply_refreshes_networkmanager_facts_first(tmp_path: Path) -> None:
-    async def body() -> None:
-        engine, _control, _nft = make(tmp_path)
-        refreshed: list[str] = []
-        control = control_for(engine, tmp_path, refreshed)
-        control.restore()
-        engine.start()
+@async_test
+async def test_reapply_refreshes_networkmanager_facts_first(tmp_path: Path) -> None:
+    engine, _control, _nft = make(tmp_path)
+    refreshed: list[str] = []
+    control = control_for(engine, StateStore(tmp_path), refreshed)
+    async with serving(control, engine):
         await control.reapply()
         assert refreshed == ["refresh"]
-        await engine.stop()
-
-    run(body)
