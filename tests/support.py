@@ -27,10 +27,16 @@ P = ParamSpec("P")
 
 
 def run(
-    *args: str, check: bool = True, timeout: float = 30, stdin: str | None = None, **kw: Any
+    *args: str,
+    check: bool = True,
+    timeout: float = 30,
+    stdin: str | None = None,
+    what: str | None = None,
+    **kw: Any,
 ) -> subprocess.CompletedProcess[str]:
     """Run a command (its stdin: the text `stdin`, else /dev/null); `kw` goes to subprocess.run
-    (env, cwd). With `check`, a non-zero exit fails, showing the command's output."""
+    (env, cwd). With `check`, a non-zero exit fails, showing the command's output; `what` names
+    the command there (default: its command line), e.g. a wrapper's caller's command only."""
     proc = subprocess.run(
         list(args),
         input=stdin,
@@ -42,7 +48,7 @@ def run(
     )
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"command failed (rc {proc.returncode}): {' '.join(args)}\n"
+            f"{what or ' '.join(args)} failed (rc {proc.returncode})\n"
             f"stdout: {proc.stdout.strip()}\nstderr: {proc.stderr.strip()}"
         )
     return proc

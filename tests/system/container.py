@@ -50,6 +50,7 @@ from dbus_fast import MessageFlag, MessageType
 from dbus_fast.aio import MessageBus
 
 from tests import support
+from tests.networkmanager_conf import networkmanager_conf
 from tproxy_service.bus.call import method_call
 
 from .images import UNSHARE_PRIVATE, die_with_parent
@@ -73,20 +74,7 @@ PROPERTIES = "org.freedesktop.DBus.Properties"
 # NetworkManager in a container without udev (nspawn mounts /sys read-only, so NM manages
 # devices itself). The veth peers and the wire to the upstream namespace (tpxw) are ours, set up
 # by the tests; NM leaves them alone.
-NM_CONF = """\
-[main]
-plugins=keyfile
-dns=none
-rc-manager=unmanaged
-hostname-mode=none
-no-auto-default=*
-
-[keyfile]
-unmanaged-devices=interface-name:tpx*p;interface-name:tpxw
-
-[connectivity]
-enabled=false
-"""
+NM_UNMANAGED = ("tpx*p", "tpxw")
 # Units of the base image that have no business in this container. The Debian v2ray package
 # enables its own vmess server; tproxyd runs v2ray through tproxyd-core.service.
 MASKED_UNITS = ("console-getty.service", "v2ray.service")
@@ -256,7 +244,7 @@ class Container:
             (units / unit).symlink_to("/dev/null")
         nm_conf = self.upper / "etc/NetworkManager/conf.d/50-systest-container.conf"
         nm_conf.parent.mkdir(parents=True, mode=0o755)
-        nm_conf.write_text(NM_CONF)
+        nm_conf.write_text(networkmanager_conf(NM_UNMANAGED))
         for d in (self.upper / "etc", units.parent, nm_conf.parent.parent):
             d.chmod(0o755)
 
@@ -441,35 +429,14 @@ class Container:
         ]
         if user is not None:
             cmd += ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
-        proc = subprocess.run(
-            [*cmd, *args],
-            env={"PATH": PATH},
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"in the container{f' as {user}' if user else ''}: {' '.join(args)} failed (rc {proc.returncode})\n"
-                f"stdout: {proc.stdout.strip()}\nstderr: {proc.stderr.strip()}"
-            )
-        return proc
+        what = f"in the container{f' as {user}' if user else ''}: {' '.join(args)}"
+        return support.run(*cmd, *args, check=check, timeout=timeout, stdin=input, env={"PATH": PATH}, what=what)
 
     def in_netns(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """A host tool (ip, nft) run in the container's network namespace only."""
-        proc = subprocess.run(
-            ["nsenter", f"--target={self.pid1}", "--net", "--", *args],
-            env={"PATH": PATH},
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(f"in the container's netns: {' '.join(args)} failed: {proc.stderr.strip()}")
-        return proc
+        nsenter = ["nsenter", f"--target={self.pid1}", "--net", "--"]
+        what = f"in the container's netns: {' '.join(args)}"
+        return support.run(*nsenter, *args, check=check, env={"PATH": PATH}, what=what)
 
     async def _bus_call(
         self, dest: str, path: str, iface: str, member: str, signature: str, body: list[Any]

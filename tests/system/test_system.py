@@ -41,7 +41,7 @@ MANAGER = "io.github.Tproxyd.Manager1"
 DBUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus")
 
 LINK = "tpx0"  # a veth in the container, proxied in host mode
-PEER = "tpx0p"  # its peer, up, left alone by NetworkManager (NM_CONF)
+PEER = "tpx0p"  # its peer, up, left alone by NetworkManager (container.NM_UNMANAGED)
 LAN_LINK = "tpx1"  # enabled by the unprivileged user; does not exist (proxied once it appears)
 USER = "tpxuser"
 GROUP = "netdev"  # the group polkit/50-tproxyd.rules.example grants
