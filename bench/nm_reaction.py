@@ -116,8 +116,10 @@ class Recorder:
 
 
 async def worker_async(params: dict[str, Any]) -> dict[str, Any]:
-    from dbus_fast import Message, MessageType
+    from dbus_fast import Message
     from dbus_fast.aio import MessageBus
+
+    from tproxy_service.bus.call import add_match, call_method, method_call
 
     rec = Recorder()
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, NETLINK_NETFILTER)
@@ -132,18 +134,9 @@ async def worker_async(params: dict[str, Any]) -> dict[str, Any]:
 
     asyncio.get_running_loop().add_reader(sock.fileno(), readable)
     bus = await MessageBus(bus_address=params["bus"]).connect()
-    reply = await bus.call(
-        Message(
-            destination=names.NM_NAME,
-            path=names.NM_PATH,
-            interface=names.NM_IFACE,
-            member="GetDeviceByIpIface",
-            signature="s",
-            body=[params["link"]],
-        )
+    (device,) = await call_method(
+        bus, method_call(names.NM_NAME, names.NM_PATH, names.NM_IFACE, "GetDeviceByIpIface", "s", [params["link"]])
     )
-    assert reply is not None and reply.message_type is MessageType.METHOD_RETURN, reply
-    device = reply.body[0]
 
     def on_signal(msg: Message) -> None:
         if msg.path == device and msg.interface == names.NM_DEVICE_IFACE and msg.member == "StateChanged":
@@ -151,16 +144,7 @@ async def worker_async(params: dict[str, Any]) -> dict[str, Any]:
 
     bus.add_message_handler(on_signal)
     rule = f"type='signal',sender='{names.NM_NAME}',interface='{names.NM_DEVICE_IFACE}',path='{device}'"
-    await bus.call(
-        Message(
-            destination=names.DBUS_NAME,
-            path=names.DBUS_PATH,
-            interface=names.DBUS_IFACE,
-            member="AddMatch",
-            signature="s",
-            body=[rule],
-        )
-    )
+    await add_match(bus, rule)
     nmcli = [
         "nsenter",
         f"--target={params['init_pid']}",
@@ -308,9 +292,7 @@ def run(args: argparse.Namespace) -> Report:
         world.add_connections()
         bypass = world.workdir / "bypass.txt"
         bypass.write_text("\n".join(bypass_lines(args.bypass, 2000)) + "\n")
-        world.tproxyd.write_config()
-        with world.tproxyd.config.open("a") as config:
-            config.write(f'\n[bypass]\nfiles = ["{bypass}"]\n')
+        world.tproxyd.write_config(bypass={"files": [bypass]})
         log(f"nm_reaction: starting tproxyd with {args.bypass} + 2000 bypass CIDRs")
         start = time.perf_counter()
         world.tproxyd.start()

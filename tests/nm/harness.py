@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,8 @@ from dbus_fast.aio import MessageBus
 from tests.e2e import harness as e2e
 from tests.e2e.firewalld import BUS_POLICY as FIREWALLD_BUS_POLICY
 from tests.integration.harness import BUS_CONF, plain  # the same system-like bus, one more socket
-from tests.tproxyd_config import render_config
+from tests.networkmanager_conf import networkmanager_conf
+from tests.tproxyd_config import write_config
 from tproxy_service.bus import names
 from tproxy_service.bus.call import method_call
 
@@ -67,28 +68,6 @@ HOTSPOT_GW, CLIENT = "10.42.7.1", "10.42.7.2"
 SERVER = e2e.SERVER.v4  # 198.51.100.2: also where the core's marker inbound forwards to
 HTTP_PORT = e2e.HTTP_PORT
 CAFE, HOTSPOT, PLAIN = "tpn-cafe", "tpn-hotspot", "tpn-plain"
-
-NM_CONF = """\
-[main]
-plugins=keyfile
-dns=none
-rc-manager=unmanaged
-hostname-mode=none
-no-auto-default=*
-dhcp=internal
-auth-polkit=true
-
-[keyfile]
-path=/etc/NetworkManager/system-connections
-unmanaged-devices=interface-name:{fallback}
-
-[connectivity]
-enabled=false
-
-[logging]
-level=INFO
-"""
-
 
 # PID 1 of the sandbox. `wait` keeps the shell (which reaps every orphan) as the namespace's init.
 SANDBOX_INIT = r"""
@@ -174,28 +153,25 @@ class Bus:
             return Reply(reply.error_name, list(reply.body))
         return Reply(None, plain(list(reply.body)))
 
-    def call(
-        self,
-        destination: str,
-        path: str,
-        interface: str,
-        member: str,
-        signature: str = "",
-        body: list[Any] | None = None,
-        timeout: float = 20,
-    ) -> Reply:
-        return asyncio.run(self._call(method_call(destination, path, interface, member, signature, body), timeout))
+    def call(self, message: Message, timeout: float = 20) -> Reply:
+        return asyncio.run(self._call(message, timeout))
 
     def has_owner(self, name: str) -> bool:
-        reply = self.call(names.DBUS_NAME, names.DBUS_PATH, names.DBUS_IFACE, "NameHasOwner", "s", [name])
+        reply = self.call(method_call(names.DBUS_NAME, names.DBUS_PATH, names.DBUS_IFACE, "NameHasOwner", "s", [name]))
         return bool(reply.body and reply.body[0])
 
     def tproxyd(self, member: str, signature: str = "", body: list[Any] | None = None) -> Reply:
-        return self.call(names.BUS_NAME, names.OBJECT_PATH, names.MANAGER_IFACE, member, signature, body)
+        return self.call(method_call(names.BUS_NAME, names.OBJECT_PATH, names.MANAGER_IFACE, member, signature, body))
+
+    def nm_property(self, name: str) -> Reply:
+        """A property of NetworkManager's main object (its interface org.freedesktop.NetworkManager)."""
+        return self.call(
+            method_call(names.NM_NAME, names.NM_PATH, names.PROPERTIES_IFACE, "Get", "ss", [names.NM_IFACE, name])
+        )
 
     def properties(self) -> dict[str, Any]:
         reply = self.call(
-            names.BUS_NAME, names.OBJECT_PATH, names.PROPERTIES_IFACE, "GetAll", "s", [names.MANAGER_IFACE]
+            method_call(names.BUS_NAME, names.OBJECT_PATH, names.PROPERTIES_IFACE, "GetAll", "s", [names.MANAGER_IFACE])
         )
         assert reply.error is None, reply
         return dict(reply.body[0])
@@ -240,9 +216,10 @@ class Inside:
     """A program started in the sandbox with nsenter, which forks it into the PID namespace and
     waits for it: `pid` is the program's PID as the host sees it."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], what: str) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
         self.proc = proc
         self.what = what
+        self.log = log
         self.pid = wait_until(lambda: self._child(), 10, f"{what} to start in the sandbox")
 
     def _child(self) -> int | None:
@@ -253,6 +230,12 @@ class Inside:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def assert_alive(self) -> None:
+        """Fails, showing the end of its log, once the program has exited."""
+        if not self.alive():
+            tail = self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+            raise AssertionError(f"{self.what} exited:\n{tail}")
 
     def send(self, sig: int) -> None:
         if self.alive():
@@ -302,7 +285,7 @@ class Sandbox:
             (d / sub).mkdir(parents=True, exist_ok=True)
         (d / "var-lib-nm").chmod(0o700)
         (d / "resolv.conf").write_text("# private resolv.conf of the NetworkManager sandbox\n")
-        (d / "etc-nm" / "NetworkManager.conf").write_text(NM_CONF.format(fallback=FALLBACK_LINK))
+        (d / "etc-nm" / "NetworkManager.conf").write_text(networkmanager_conf([FALLBACK_LINK]))
         (d / "bus" / "bus.conf").write_text(
             BUS_CONF.format(dir=d / "bus", extra_listen=f"\n  <listen>{INSIDE_BUS}</listen>")
         )
@@ -347,22 +330,11 @@ class Sandbox:
                 stderr=out,
                 env={**INSIDE_ENV, **(env or {})},
             )
-        return Inside(proc, what)
+        return Inside(proc, what, log)
 
     def run(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            self._nsenter(list(args)),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=dict(INSIDE_ENV),
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"in the sandbox: {' '.join(args)} failed (rc {proc.returncode}):\n{proc.stdout}{proc.stderr}"
-            )
-        return proc
+        what = f"in the sandbox: {' '.join(args)}"
+        return run(*self._nsenter(list(args)), check=check, timeout=timeout, env=dict(INSIDE_ENV), what=what)
 
     def processes(self) -> list[tuple[int, str]]:
         """(host PID, command line) of everything running in the sandbox's PID namespace (what
@@ -410,12 +382,11 @@ class NetworkManager:
 
     def _started(self) -> bool:
         assert self.proc is not None
-        if not self.proc.alive():
-            raise AssertionError(f"NetworkManager exited:\n{self.log.read_text()[-3000:]}")
+        self.proc.assert_alive()
         bus = self.sandbox.bus
         if not bus.has_owner(names.NM_NAME):
             return False
-        reply = bus.call(names.NM_NAME, names.NM_PATH, names.PROPERTIES_IFACE, "Get", "ss", [names.NM_IFACE, "Startup"])
+        reply = bus.nm_property("Startup")
         return reply.error is None and reply.body[0] is False
 
     def stop(self) -> None:
@@ -453,42 +424,8 @@ class NetworkManager:
 # --- tproxyd --------------------------------------------------------------------------------------
 
 
-def tproxyd_config(
-    workdir: Path,
-    policies: str = "",
-    links: dict[str, str] | None = None,
-    nm: bool = True,
-    core_config: Path | None = None,
-) -> str:
-    """`policies`: [[networkmanager.auto]] entries as TOML."""
-    return render_config(
-        workdir,
-        tproxy={
-            "port": e2e.TPROXY_PORT,
-            "mark": e2e.FWMARK,
-            "core_mark": e2e.CORE_MARK,
-            "route_table": e2e.ROUTE_TABLE,
-            "failure_policy": "open",
-        },
-        # The test runs its own v2ray; tproxyd treats it as always ready. `config` is what
-        # Core(generated=...) runs.
-        core={"supervise": False, **({"config": core_config} if core_config else {})},
-        networkmanager={"enabled": nm},
-        extra=policies,
-        links=links,
-    )
-
-
 # The policies most tests use: the café connection is proxied as `host`, any shared one as `lan`.
-POLICIES = f"""
-[[networkmanager.auto]]
-id = "{CAFE}"
-mode = "host"
-
-[[networkmanager.auto]]
-shared = true
-mode = "lan"
-"""
+POLICIES: tuple[dict[str, Any], ...] = ({"id": CAFE, "mode": "host"}, {"shared": True, "mode": "lan"})
 
 
 class Tproxyd:
@@ -501,14 +438,31 @@ class Tproxyd:
 
     def write_config(
         self,
-        policies: str = POLICIES,
+        policies: Sequence[Mapping[str, Any]] = POLICIES,
         links: dict[str, str] | None = None,
         nm: bool = True,
         core_config: Path | None = None,
+        bypass: Mapping[str, Any] | None = None,
     ) -> None:
-        tmp = self.config.with_suffix(".tmp")
-        tmp.write_text(tproxyd_config(self.workdir, policies, links, nm, core_config))
-        os.replace(tmp, self.config)
+        """`policies`: the [[networkmanager.auto]] entries."""
+        write_config(
+            self.config,
+            self.workdir,
+            tproxy={
+                "port": e2e.TPROXY_PORT,
+                "mark": e2e.FWMARK,
+                "core_mark": e2e.CORE_MARK,
+                "route_table": e2e.ROUTE_TABLE,
+                "failure_policy": "open",
+            },
+            bypass=bypass,
+            # The test runs its own v2ray; tproxyd treats it as always ready. `config` is what
+            # Core(generated=...) runs.
+            core={"supervise": False, **({"config": core_config} if core_config else {})},
+            networkmanager={"enabled": nm},
+            policies=policies,
+            links=links,
+        )
 
     def start(self) -> None:
         if not self.config.exists():
@@ -520,8 +474,7 @@ class Tproxyd:
 
     def _ready(self) -> bool:
         assert self.proc is not None
-        if not self.proc.alive():
-            raise AssertionError(f"tproxyd exited:\n{self.log_text()[-3000:]}")
+        self.proc.assert_alive()
         bus = self.sandbox.bus
         return bus.has_owner(names.BUS_NAME) and bus.properties()["State"] != "starting"
 

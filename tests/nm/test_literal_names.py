@@ -14,7 +14,7 @@ from . import harness as h
 pytestmark = pytest.mark.root
 
 HOSTILE = ["*", "@x", "eth*", "tcp", "\\", '"', "é" * 7 + "z"]  # the last: 15 bytes of UTF-8
-POLICY = '[[networkmanager.auto]]\ntype = "ethernet"\nmode = "both"\n'  # the café link stays down
+POLICY = ({"type": "ethernet", "mode": "both"},)  # the café link stays down
 
 
 def _sets_hold(w: h.World, what: str) -> None:

@@ -78,7 +78,7 @@ def test_shared_connection_is_proxied_as_lan(nm_world: h.World) -> None:
 
 def test_auto_mode_resolves_from_the_connection_and_re_resolves(nm_world: h.World) -> None:
     w = nm_world
-    w.tproxyd.write_config(policies="")  # no policies: only the manual auto choice
+    w.tproxyd.write_config(policies=())  # no policies: only the manual auto choice
     w.tproxyd.start()
     assert w.core is not None
     assert w.bus.tproxyd("EnableLink", "ss", [h.HOT_LINK, ""]).error is None
@@ -99,7 +99,7 @@ def test_auto_mode_resolves_from_the_connection_and_re_resolves(nm_world: h.Worl
 
 def test_modified_addresses_after_reactivation_move_the_local_subnets(nm_world: h.World) -> None:
     w = nm_world
-    w.tproxyd.write_config(policies=f'[[networkmanager.auto]]\nid = "{h.PLAIN}"\nmode = "host"\n')
+    w.tproxyd.write_config(policies=[{"id": h.PLAIN, "mode": "host"}])
     w.tproxyd.start()
     w.nm.up(h.PLAIN)
     wait_sets(w, {h.HOT_LINK}, set(), "the plain connection's link proxied")

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from dbus_fast import Message, MessageType
+from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 
 from tests.e2e import harness as e2e
 from tproxy_service.bus import names
+from tproxy_service.bus.call import call_method, method_call
 
 from . import harness as h
 from .test_policies import host_links, lan_links, wait_sets
@@ -119,16 +120,13 @@ async def _emit_prepare_for_sleep(address: str, sleeping: bool) -> None:
             Message.new_signal(names.LOGIN1_PATH, names.LOGIN1_MANAGER_IFACE, "PrepareForSleep", "b", [sleeping])
         )
         # A round trip after the signal: the bus has routed it before we hang up.
-        reply = await bus.call(
-            Message(destination=names.DBUS_NAME, path=names.DBUS_PATH, interface=names.DBUS_IFACE, member="GetId")
-        )
-        assert reply is not None and reply.message_type is MessageType.METHOD_RETURN
+        await call_method(bus, method_call(names.DBUS_NAME, names.DBUS_PATH, names.DBUS_IFACE, "GetId"))
     finally:
         bus.disconnect()
 
 
 def nm_state(w: h.World) -> int:
-    reply = w.bus.call(names.NM_NAME, names.NM_PATH, names.PROPERTIES_IFACE, "Get", "ss", [names.NM_IFACE, "State"])
+    reply = w.bus.nm_property("State")
     assert reply.error is None, reply
     return int(reply.body[0])
 
