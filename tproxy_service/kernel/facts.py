@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 import socket
-from typing import Any
-
-from pyroute2 import AsyncIPRoute
 
 from ..model import AddressFact, Facts, LinkFact
+from .rtnl import LazyRtnl
 
 IFF_UP = 0x1
 
 
 class FactsReader:
     def __init__(self) -> None:
-        self._ipr: Any = None
+        self._rtnl = LazyRtnl()
 
     async def read(self) -> Facts:
-        if self._ipr is None:
-            self._ipr = AsyncIPRoute()
+        ipr = self._rtnl.get()
         links = tuple(
             [
                 LinkFact(name=msg.get("ifname"), index=msg["index"], up=bool(msg["flags"] & IFF_UP))
-                async for msg in await self._ipr.link("dump")
+                async for msg in await ipr.link("dump")
             ]
         )
         addresses = tuple(
@@ -33,13 +30,11 @@ class FactsReader:
                     address=msg.get("local") or msg.get("address"),
                     prefixlen=msg["prefixlen"],
                 )
-                async for msg in await self._ipr.addr("dump")
+                async for msg in await ipr.addr("dump")
                 if msg["family"] in (socket.AF_INET, socket.AF_INET6)
             ]
         )
         return Facts(links=links, addresses=addresses)
 
     def close(self) -> None:
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
+        self._rtnl.close()

@@ -11,11 +11,11 @@ import socket
 from collections import Counter
 from typing import Any
 
-from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..errors import KernelError
 from ..model import RouteSpec, RoutingState, RuleSpec
+from .rtnl import LazyRtnl
 
 log = logging.getLogger(__name__)
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
@@ -26,17 +26,12 @@ LOOPBACK_INDEX = 1
 
 class RoutingAdapter:
     def __init__(self) -> None:
-        self._ipr: Any = None
-
-    async def _sock(self) -> Any:
-        if self._ipr is None:
-            self._ipr = AsyncIPRoute()
-        return self._ipr
+        self._rtnl = LazyRtnl()
 
     async def _our_rules(self, spec: RuleSpec) -> list[int]:
         """Priorities of the rules sending our mark to our table. Any priority counts: a crashed
         run with another rule_priority, or `ip rule add` without one, leaves such copies."""
-        ipr = await self._sock()
+        ipr = self._rtnl.get()
         return [
             msg.get("priority", 0)
             async for msg in await ipr.rule("dump", family=_AF[spec.family])
@@ -44,7 +39,7 @@ class RoutingAdapter:
         ]
 
     async def _route_count(self, spec: RouteSpec) -> int:
-        ipr = await self._sock()
+        ipr = self._rtnl.get()
         count = 0
         async for msg in await ipr.route("dump", family=_AF[spec.family], table=spec.table):
             if msg["dst_len"] == 0 and msg["type"] == RTN_LOCAL and msg.get("table") == spec.table:
@@ -71,7 +66,7 @@ class RoutingAdapter:
 
     async def ensure(self, state: RoutingState) -> None:
         """Make every rule and route of `state` present exactly once."""
-        ipr = await self._sock()
+        ipr = self._rtnl.get()
         try:
             for rule in state.rules:
                 priorities = await self._our_rules(rule)
@@ -94,7 +89,7 @@ class RoutingAdapter:
 
     async def remove(self, state: RoutingState) -> None:
         """Remove every copy of our rules and routes; missing ones are fine."""
-        ipr = await self._sock()
+        ipr = self._rtnl.get()
         try:
             for rule in state.rules:
                 for priority in await self._our_rules(rule):
@@ -116,9 +111,7 @@ class RoutingAdapter:
         return found
 
     def close(self) -> None:
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
+        self._rtnl.close()
 
 
 async def _tolerate(awaitable: Any, *codes: int) -> None:
