@@ -194,20 +194,25 @@ class Network:
             enable_forwarding(ns)
 
 
+def add_client_lan(client_ns: str, client_link: str, client: Addr, gw_link: str, gw: Addr) -> None:
+    """A client LAN on the gateway: a veth from `client_ns` to the gateway's `gw_link`, a /24 and
+    a /64 on each end, the client's default routes via the gateway."""
+    add_veth(client_ns, client_link, GW, gw_link)
+    add_addr(client_ns, client_link, f"{client.v4}/24")
+    add_addr(client_ns, client_link, f"{client.v6}/64")
+    add_route(client_ns, "default", gw.v4)
+    add_route(client_ns, "::/0", gw.v6)
+    add_addr(GW, gw_link, f"{gw.v4}/24")
+    add_addr(GW, gw_link, f"{gw.v6}/64")
+
+
 def build_topology() -> None:
     for ns in NAMESPACES:
         new_namespace(ns)
-    add_veth(CLI, "tpe-c0", GW, LAN_LINK)
+    add_client_lan(CLI, "tpe-c0", CLIENT, LAN_LINK, GW_LAN)
     add_veth(GW, UP_LINK, UP, "tpe-u0")
     add_veth(UP, "tpe-u1", SRV, "tpe-s0")
 
-    add_addr(CLI, "tpe-c0", f"{CLIENT.v4}/24")
-    add_addr(CLI, "tpe-c0", f"{CLIENT.v6}/64")
-    add_route(CLI, "default", GW_LAN.v4)
-    add_route(CLI, "::/0", GW_LAN.v6)
-
-    add_addr(GW, LAN_LINK, f"{GW_LAN.v4}/24")
-    add_addr(GW, LAN_LINK, f"{GW_LAN.v6}/64")
     for cidr in (f"{GW_UP.v4}/24", f"{GW_UP.v6}/64", f"{GW_PRIVATE.v4}/24", f"{GW_PRIVATE.v6}/64"):
         add_addr(GW, UP_LINK, cidr)
     add_route(GW, "default", ROUTER.v4)
@@ -271,13 +276,7 @@ def start_peer_server(ns: str, log: Path, tcp: tuple[int, ...], udp: tuple[int, 
 def new_late_client() -> None:
     """A second client LAN whose gateway link appears only now (config names it in advance)."""
     new_namespace(LATE_CLI)
-    add_veth(LATE_CLI, "tpe-l0", GW, LATE_LINK)
-    add_addr(LATE_CLI, "tpe-l0", f"{LATE_CLIENT.v4}/24")
-    add_addr(LATE_CLI, "tpe-l0", f"{LATE_CLIENT.v6}/64")
-    add_route(LATE_CLI, "default", GW_LATE.v4)
-    add_route(LATE_CLI, "::/0", GW_LATE.v6)
-    add_addr(GW, LATE_LINK, f"{GW_LATE.v4}/24")
-    add_addr(GW, LATE_LINK, f"{GW_LATE.v6}/64")
+    add_client_lan(LATE_CLI, "tpe-l0", LATE_CLIENT, LATE_LINK, GW_LATE)
 
 
 # --- v2ray --------------------------------------------------------------------------------------
