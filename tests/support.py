@@ -129,6 +129,33 @@ def prerequisites_fixture(
     return prerequisites
 
 
+# --- other people's nftables tables ---------------------------------------------------------------
+
+
+def foreign_tables(uplink: str) -> str:
+    """nftables tables of someone else (a Docker-like NAT, a filter with a set and a counter), for
+    the checks that tproxyd leaves them byte for byte as they were; `uplink` is the NAT's link."""
+    return f"""\
+table ip nat {{
+    chain POSTROUTING {{
+        type nat hook postrouting priority srcnat; policy accept;
+        oifname "{uplink}" ip saddr 172.17.0.0/16 masquerade
+    }}
+}}
+table inet filter {{
+    set allowed {{
+        type ipv4_addr
+        elements = {{ 192.0.2.1 }}
+    }}
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        ip saddr @allowed accept
+        counter
+    }}
+}}
+"""
+
+
 # --- the main namespace must not change -----------------------------------------------------------
 
 _LIFETIMES = re.compile(r"(valid_lft|preferred_lft|expires) \S+")

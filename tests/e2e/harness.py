@@ -27,6 +27,7 @@ from pathlib import Path
 
 # Shared with the other tiers; re-exported, since tests/nm, the demo and the benchmarks use them
 # as attributes of this module.
+from tests.support import foreign_tables
 from tests.support import main_namespace_snapshot as main_namespace_snapshot
 from tests.support import netns_list as netns_list
 from tests.support import run as run
@@ -734,20 +735,7 @@ def remove_our_kernel_state(ns: str) -> None:
 
 # --- other people's tables (politeness) ----------------------------------------------------------
 
-FOREIGN_TABLES = """
-table ip nat {
-    chain POSTROUTING {
-        type nat hook postrouting priority srcnat; policy accept;
-        oifname "tpe-gu" ip saddr 172.17.0.0/16 masquerade
-    }
-}
-table inet filter {
-    chain input {
-        type filter hook input priority 0; policy accept;
-        counter
-    }
-}
-"""
+FOREIGN_TABLES = foreign_tables(UP_LINK)
 FOREIGN = (("ip", "nat"), ("inet", "filter"))
 _COUNTER_VALUES = re.compile(r"counter packets \d+ bytes \d+")
 

@@ -22,31 +22,14 @@ from tproxy_service.monitors.nft_events import NftDriftWatch
 from tproxy_service.rules.nft import IfnameChange, IntervalChange, build_replace, link_elements
 from tproxy_service.rules.routing import build_routing
 
-from ..support import wait_until, wait_until_async
+from ..support import foreign_tables, wait_until, wait_until_async
 from ..unit.scenarios import SCENARIOS
 from .netns import run_in_netns, sh
 
 pytestmark = pytest.mark.root
 
 
-OTHER_TABLES = """\
-table ip nat {
-    chain POSTROUTING {
-        type nat hook postrouting priority srcnat; policy accept;
-        oifname "eth9" ip saddr 172.17.0.0/16 masquerade
-    }
-}
-table inet filter {
-    set allowed {
-        type ipv4_addr
-        elements = { 192.0.2.1 }
-    }
-    chain input {
-        type filter hook input priority filter; policy accept;
-        ip saddr @allowed accept
-    }
-}
-"""
+OTHER_TABLES = foreign_tables("eth9")
 
 
 def _elements(set_name: str) -> list[object]:
