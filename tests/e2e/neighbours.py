@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 
 from tests.integration.harness import TPROXYCTL, PrivateBus, run
 
@@ -19,6 +20,17 @@ def all_proxied(lab: h.Lab) -> None:
         lab.proofs.proxied(lan, expected_peer=h.GW_UP.of(family))
         own = h.send(proto, h.GW, h.GW_UP.of(family), h.SERVER.of(family))
         lab.proofs.proxied(own, expected_peer=h.GW_UP.of(family))
+
+
+def follows_the_firewall(
+    lab: h.Lab, admitted: Callable[[], bool], came_up: str, rebuilds: Sequence[tuple[str, Callable[[], object]]]
+) -> None:
+    """tproxyd's rule is in the firewall after it `came_up` after tproxyd, and back after each of
+    its `rebuilds` (what, how), which drop the rule; every path is proxied each time."""
+    for what, rebuild in [(came_up, lambda: None), *rebuilds]:
+        rebuild()
+        h.wait_until(admitted, 15, f"tproxyd's rule after {what}")
+        all_proxied(lab)
 
 
 def iptables_save(output: str) -> str:

@@ -16,7 +16,7 @@ from tests.integration.harness import PrivateBus
 from . import harness as h
 from .conftest import StartDaemon
 from .firewalld import Firewalld, missing
-from .neighbours import all_proxied, assert_reported
+from .neighbours import all_proxied, assert_reported, follows_the_firewall
 
 pytestmark = pytest.mark.root
 
@@ -98,15 +98,13 @@ def test_follows_reload_restart_and_a_late_start(lab: h.Lab, running: Firewalld,
     running.stop()
     daemon = start_tproxyd()  # firewalld not running: nothing to admit
     running.start()  # firewalld after tproxyd
-    h.wait_until(_admission, 15, "tproxyd's rule after firewalld started")
-    all_proxied(lab)
-    running.cmd("--reload")  # rebuilds firewalld's table, without our rule
-    h.wait_until(_admission, 15, "tproxyd's rule after firewall-cmd --reload")
-    all_proxied(lab)
-    running.stop()
-    running.start()
-    h.wait_until(_admission, 15, "tproxyd's rule after a firewalld restart")
-    all_proxied(lab)
+
+    def restart() -> None:
+        running.stop()
+        running.start()
+
+    reload = ("firewall-cmd --reload", lambda: running.cmd("--reload"))  # rebuilds its table without our rule
+    follows_the_firewall(lab, _admission, "firewalld started", [reload, ("a firewalld restart", restart)])
     assert daemon.running
 
 

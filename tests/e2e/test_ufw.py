@@ -13,7 +13,7 @@ import pytest
 
 from . import harness as h
 from .conftest import StartDaemon
-from .neighbours import all_proxied
+from .neighbours import all_proxied, follows_the_firewall
 from .ufw import Ufw, missing
 
 pytestmark = pytest.mark.root
@@ -72,15 +72,13 @@ def test_follows_a_late_enable_ufw_reload_and_re_enable(lab: h.Lab, ufw: Ufw, st
         daemon = start_tproxyd()  # ufw not enabled: its INPUT policy accepts
     finally:
         ufw.cmd("--force", "enable")  # ufw after tproxyd
-    h.wait_until(_admitted, 15, "tproxyd's rule after ufw was enabled")
-    all_proxied(lab)
-    ufw.cmd("reload")  # rebuilds ufw's chains without our rule
-    h.wait_until(_admitted, 15, "tproxyd's rule after ufw reload")
-    all_proxied(lab)
-    ufw.cmd("disable")
-    ufw.cmd("--force", "enable")
-    h.wait_until(_admitted, 15, "tproxyd's rule after ufw disable and enable")
-    all_proxied(lab)
+
+    def disable_and_enable() -> None:
+        ufw.cmd("disable")
+        ufw.cmd("--force", "enable")
+
+    reload = ("ufw reload", lambda: ufw.cmd("reload"))  # rebuilds ufw's chains without our rule
+    follows_the_firewall(lab, _admitted, "ufw was enabled", [reload, ("ufw disable and enable", disable_and_enable)])
     assert daemon.running
 
 
