@@ -44,17 +44,10 @@ class CoreStack:
     daemons: list[subprocess.Popen[bytes]] = field(default_factory=list)
     outbound: dict[str, object] | None = None  # the user config's outbound (default: freedom)
 
-    @property
-    def access(self) -> h.AccessLog:
-        return h.AccessLog(self.workdir / "core-access.log")
-
-    @property
-    def core_log(self) -> Path:
-        return self.workdir / "core-error.log"
-
-    @property
-    def user_config(self) -> Path:
-        return self.workdir / "core-user.json"
+    def __post_init__(self) -> None:
+        self.access = h.AccessLog(self.workdir / "core-access.log")
+        self.core_log = self.workdir / "core-error.log"
+        self.user_config = self.workdir / "core-user.json"
 
     def write_user_config(
         self, loglevel: str = "info", mark: int | None = None, dns: dict[str, object] | None = None
@@ -63,7 +56,7 @@ class CoreStack:
         if mark is not None:
             outbound["streamSettings"] = {"sockopt": {"mark": mark}}
         config: dict[str, object] = {
-            "log": {"loglevel": loglevel, "access": str(self.workdir / "core-access.log"), "error": str(self.core_log)},
+            "log": {"loglevel": loglevel, "access": str(self.access.path), "error": str(self.core_log)},
             "outbounds": [outbound],
         }
         if dns is not None:

@@ -338,21 +338,11 @@ class Tproxyd:
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
-    @property
-    def config(self) -> Path:
-        return self.workdir / "config.toml"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.workdir / "state"
-
-    @property
-    def state_file(self) -> Path:
-        return self.state_dir / "state.json"
-
-    @property
-    def log(self) -> Path:
-        return self.workdir / "tproxyd.log"
+    def __post_init__(self) -> None:
+        self.config = self.workdir / "config.toml"
+        self.state_dir = self.workdir / "state"
+        self.state_file = self.state_dir / "state.json"
+        self.log = self.workdir / "tproxyd.log"
 
     def write_config(self, links: dict[str, str] | None = None, extra: str = "") -> None:
         # No core: the D-Bus tier is about the API; tests/e2e/test_core.py covers the supervisor.
