@@ -4,10 +4,10 @@ NetworkManager in tests/nm.)"""
 
 from __future__ import annotations
 
-from dbus_fast import Message, MessageType, Variant
+from dbus_fast import Message, Variant
 
 from tproxy_service.bus.call import plain
-from tproxy_service.bus.names import NM_ACTIVE_IFACE, NM_DEVICE_IFACE, NM_IFACE, NM_NAME, PROPERTIES_IFACE
+from tproxy_service.bus.names import NM_ACTIVE_IFACE, NM_DEVICE_IFACE, NM_IFACE, PROPERTIES_IFACE
 from tproxy_service.model import NmConnection, NmDevice
 from tproxy_service.monitors.networkmanager import ActiveProps, _relevant, build_facts, is_shared, nm_ifname
 
@@ -59,27 +59,15 @@ def test_shared_method() -> None:
     assert not is_shared({})
 
 
-def signal(path: str, interface: str, member: str, signature: str = "", body: list[object] | None = None) -> Message:
-    return Message(
-        message_type=MessageType.SIGNAL,
-        sender=NM_NAME,
-        path=path,
-        interface=interface,
-        member=member,
-        signature=signature,
-        body=body or [],
-    )
-
-
 def changed(path: str, iface: str, **props: Variant) -> Message:
-    return signal(path, PROPERTIES_IFACE, "PropertiesChanged", "sa{sv}as", [iface, props, []])
+    return Message.new_signal(path, PROPERTIES_IFACE, "PropertiesChanged", "sa{sv}as", [iface, props, []])
 
 
 def test_only_signals_that_can_change_facts_matter() -> None:
     assert _relevant(changed(DEV + "2", NM_DEVICE_IFACE, State=Variant("u", 100))) == "Devices/2 State"
     assert _relevant(changed(AC + "7", NM_ACTIVE_IFACE, State=Variant("u", 2))) == "ActiveConnection/7 State"
     assert _relevant(changed("/org/freedesktop/NetworkManager", NM_IFACE, PrimaryConnection=Variant("o", "/")))
-    assert _relevant(signal("/org/freedesktop/NetworkManager", NM_IFACE, "DeviceAdded", "o", [DEV + "9"]))
+    assert _relevant(Message.new_signal("/org/freedesktop/NetworkManager", NM_IFACE, "DeviceAdded", "o", [DEV + "9"]))
     # IP configs, statistics, connectivity: netlink (or nothing) covers them.
     assert _relevant(changed(DEV + "2", NM_DEVICE_IFACE, Ip4Config=Variant("o", "/x"))) is None
     assert _relevant(changed("/org/freedesktop/NetworkManager", NM_IFACE, Connectivity=Variant("u", 4))) is None
