@@ -495,15 +495,19 @@ def dbus_calls(data: dict[str, Any]) -> tuple[str, list[Goal]]:
 # --- core start and recovery --------------------------------------------------------------------
 
 CORE_START_GOAL_MS = 1000.0
-CORE_START_PHASES = (
-    ("**EnableLink -> first proxied connection**", "", "total"),
-    ("EnableLink reply", "", "reply"),
-    ("-> unit leaves inactive, ExecStartPre (`v2ray -test`) begins", "", "pre_start"),
+# ExecStartPre to the first proxied reply: the same steps after EnableLink and after a SIGKILL.
+_CORE_STARTING = (
     ("ExecStartPre run", "pre_start", "pre_exit"),
     ("ExecStartPre exit -> core exec'd (ExecMainStart)", "pre_exit", "main"),
     ("core exec'd -> core listening, IPv4 and IPv6 (v2ray's own start)", "main", "listening"),
     ("core listening -> tproxyd State=active (readiness check, diversion on)", "listening", "state_active"),
     ("State=active -> first proxied reply", "state_active", "total"),
+)
+CORE_START_PHASES = (
+    ("**EnableLink -> first proxied connection**", "", "total"),
+    ("EnableLink reply", "", "reply"),
+    ("-> unit leaves inactive, ExecStartPre (`v2ray -test`) begins", "", "pre_start"),
+    *_CORE_STARTING,
     ("(stop: SetEnabled(false) -> unit inactive)", "", "stop"),
 )
 CORE_KILL_PHASES = (
@@ -511,11 +515,7 @@ CORE_KILL_PHASES = (
     ("-> unit failed (its PropertiesChanged received)", "", "failed"),
     ("unit failed -> restart timer fired, unit dead", "failed", "dead"),
     ("unit dead -> ExecStartPre begins", "dead", "pre_start"),
-    ("ExecStartPre run", "pre_start", "pre_exit"),
-    ("ExecStartPre exit -> core exec'd", "pre_exit", "main"),
-    ("core exec'd -> core listening, IPv4 and IPv6", "main", "listening"),
-    ("core listening -> tproxyd State=active", "listening", "state_active"),
-    ("State=active -> first proxied reply", "state_active", "total"),
+    *_CORE_STARTING,
     ("-> tproxyd State degraded (open) or blocked (closed)", "", "outage_state"),
     ("-> first direct reply (open policy)", "", "first_direct"),
 )
