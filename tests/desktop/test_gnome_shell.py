@@ -83,6 +83,14 @@ def wait_shows(shell: ShellSession, bus: h.PrivateBus, timeout: float = 10, **wa
     return last
 
 
+@pytest.fixture
+def active_daemon(shell: ShellSession, desktop_stack: DesktopStack, make_daemon: MakeDaemon) -> h.Tproxyd:
+    """tproxyd with its default links, and the toggle showing it active on tpdv0."""
+    daemon = make_daemon()
+    wait_shows(shell, desktop_stack.bus, status=f"active on {h.LINK_A}")
+    return daemon
+
+
 def open_menu(shell: ShellSession) -> None:
     """Quick Settings, then the toggle's menu, with the pointer, as a person would."""
     if not shell.eval(f"{QS}.menu.isOpen"):
@@ -191,11 +199,9 @@ def test_toggle_shows_the_daemon_state(
 
 
 def test_click_flips_enabled_and_the_kernel_follows(
-    shell: ShellSession, desktop_stack: DesktopStack, make_daemon: MakeDaemon
+    shell: ShellSession, desktop_stack: DesktopStack, active_daemon: h.Tproxyd
 ) -> None:
-    bus = desktop_stack.bus
-    daemon = make_daemon()
-    wait_shows(shell, bus, status=f"active on {h.LINK_A}")
+    bus, daemon = desktop_stack.bus, active_daemon
     assert "table inet tproxyd" in daemon.netns.nft_table()
 
     shell.click(QS)
@@ -213,10 +219,8 @@ def test_click_flips_enabled_and_the_kernel_follows(
     assert (daemon.state_dir / "state.json").exists()  # the daemon saved the user's choice
 
 
-def test_menu_switches_change_links(shell: ShellSession, desktop_stack: DesktopStack, make_daemon: MakeDaemon) -> None:
-    bus = desktop_stack.bus
-    daemon = make_daemon()
-    wait_shows(shell, bus, status=f"active on {h.LINK_A}")
+def test_menu_switches_change_links(shell: ShellSession, desktop_stack: DesktopStack, active_daemon: h.Tproxyd) -> None:
+    bus, daemon = desktop_stack.bus, active_daemon
 
     # A NetworkManager link that is not configured: one click proxies it, in auto mode.
     open_menu(shell)
@@ -238,12 +242,9 @@ def test_menu_switches_change_links(shell: ShellSession, desktop_stack: DesktopS
     ]
 
 
-def test_a_change_made_elsewhere_shows(
-    shell: ShellSession, desktop_stack: DesktopStack, make_daemon: MakeDaemon
-) -> None:
+@pytest.mark.usefixtures("active_daemon")
+def test_a_change_made_elsewhere_shows(shell: ShellSession, desktop_stack: DesktopStack) -> None:
     bus = desktop_stack.bus
-    make_daemon()
-    wait_shows(shell, bus, status=f"active on {h.LINK_A}")
     busctl = ["busctl", f"--address={bus.address}", "call", names.BUS_NAME, names.OBJECT_PATH, names.MANAGER_IFACE]
     for args, status in (
         (["SetEnabled", "b", "false"], "proxy off"),
@@ -257,10 +258,8 @@ def test_a_change_made_elsewhere_shows(
     wait_shows(shell, bus, status=f"active on {h.LINK_A} and {h.LINK_B}")
 
 
-def test_daemon_stop_and_restart(shell: ShellSession, desktop_stack: DesktopStack, make_daemon: MakeDaemon) -> None:
-    bus = desktop_stack.bus
-    daemon = make_daemon()
-    wait_shows(shell, bus, status=f"active on {h.LINK_A}")
+def test_daemon_stop_and_restart(shell: ShellSession, desktop_stack: DesktopStack, active_daemon: h.Tproxyd) -> None:
+    bus, daemon = desktop_stack.bus, active_daemon
     daemon.stop()
     now = wait_shows(shell, bus, status="tproxyd is not running", sensitive=False, checked=False)
     assert now["indicator"]["visible"] is False
@@ -279,15 +278,13 @@ def _polkit_rule_count(polkit: h.Polkit) -> int:
 
 
 def test_access_denied_notifies_and_shows_the_true_state(
-    shell: ShellSession, desktop_stack: DesktopStack, make_daemon: MakeDaemon
+    shell: ShellSession, desktop_stack: DesktopStack, active_daemon: h.Tproxyd
 ) -> None:
     """polkit wants an administrator's password from the shell's user and no agent can ask for it
     here: the click becomes a notification, the toggle flips back, tproxyd and the kernel are
     unchanged. The message proves the call allowed interactive authorization: without the flag
     tproxyd answers "...: authentication is required" (gdbus shows it for the same user)."""
-    bus, polkit = desktop_stack.bus, desktop_stack.polkit
-    daemon = make_daemon()
-    wait_shows(shell, bus, status=f"active on {h.LINK_A}")
+    bus, polkit, daemon = desktop_stack.bus, desktop_stack.polkit, active_daemon
     table = daemon.netns.nft_table()
     deny = polkit.rules / "10-tpg-deny.rules"
     loaded = _polkit_rule_count(polkit)
