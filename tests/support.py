@@ -1,7 +1,8 @@
 """What the test tiers share (and the demo and benchmarks that reuse their harnesses): running
-commands, polling, stopping our own children, skipping a tier whose prerequisites are missing,
-and the snapshot that every root tier takes of the main network namespace before and after it
-runs, to prove it left the machine as it found it.
+commands, polling, async tests, stopping our own children, skipping a tier whose prerequisites
+are missing, other people's nftables tables for the politeness checks, and the snapshot that
+every root tier takes of the main network namespace before and after it runs, to prove it left
+the machine as it found it.
 
 Everything here only reads the main namespace; `stop_process` only ever signals our own children."""
 
@@ -83,10 +84,10 @@ def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None
     fresh event loop. pytest still sees the test's own parameters (fixtures, parametrize)."""
 
     @functools.wraps(test)
-    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+    def in_a_new_loop(*args: P.args, **kwargs: P.kwargs) -> None:
         asyncio.run(test(*args, **kwargs))
 
-    return run
+    return in_a_new_loop
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:
