@@ -8,8 +8,11 @@ import socket
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import repeat
+from operator import itemgetter
 from pathlib import Path
 
+from . import ipv4_keys
 from .bounded_read import decode, lines_within, read_bytes, read_lines
 from .errors import ConfigError
 from .model import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_FILE_LINES, AddressSet, Interval, PackedIntervals
@@ -28,7 +31,7 @@ def _bounds(text: str) -> tuple[int, int, int]:
         raise ValueError(f"{text.strip()!r} is not an IPv{family} address or CIDR") from None
     bits = BITS[family]
     if slash:
-        if not plen_text.isdigit() or not 0 <= int(plen_text) <= bits:
+        if not (plen_text.isascii() and plen_text.isdigit()) or not 0 <= int(plen_text) <= bits:
             raise ValueError(f"{text.strip()!r} has an invalid prefix length (0-{bits})")
         plen = int(plen_text)
     else:
@@ -61,8 +64,14 @@ def _merged(bounds: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def _packed(family: int, bounds: list[tuple[int, int]]) -> PackedIntervals:
+    if family == 4:
+        return _packed4([first << 32 | last for first, last in bounds])
     width = BITS[family] // 8
     return PackedIntervals(width, b"".join(f.to_bytes(width) + last.to_bytes(width) for f, last in _merged(bounds)))
+
+
+def _packed4(keys: list[int]) -> PackedIntervals:
+    return PackedIntervals(4, ipv4_keys.pack(ipv4_keys.merged(keys)))
 
 
 def merge(intervals: Iterable[Interval]) -> tuple[Interval, ...]:
@@ -93,8 +102,8 @@ def union(*sets: AddressSet) -> AddressSet:
     last = _last_union
     if last is not None and len(last[0]) == len(nonempty) and all(map(operator.is_, last[0], nonempty)):
         return last[1]
-    v4 = [b for s in nonempty for b in _pairs(s.v4)]
-    result = AddressSet(_packed(4, v4), _packed(6, [b for s in nonempty for b in _pairs(s.v6)]))
+    v4 = [key for s in nonempty for key in ipv4_keys.unpack(PackedIntervals.pack(4, s.v4).data)]
+    result = AddressSet(_packed4(v4), _packed(6, [b for s in nonempty for b in _pairs(s.v6)]))
     _last_union = (nonempty, result)
     return result
 
@@ -113,7 +122,35 @@ def parse_cidrs(texts: Iterable[str], where: str) -> AddressSet:
 
 
 def parse_cidr_lines(lines: Iterable[str], source: str) -> AddressSet:
-    """One CIDR per line; '#' starts a comment; blank lines ignored. Errors name `source:line`."""
+    """One CIDR per line; '#' starts a comment; blank lines ignored. Errors name `source:line`.
+
+    IPv4 entries are parsed in bulk (ipv4_keys); a list with anything the bulk parse does not
+    take is parsed again line by line, which raises the error that names the line."""
+    lines = lines if isinstance(lines, list) else list(lines)
+    tokens = list(filter(None, map(str.strip, map(itemgetter(0), map(str.partition, lines, repeat("#"))))))
+    v6 = [t for t in tokens if ":" in t]
+    keys = ipv4_keys.parse([t for t in tokens if ":" not in t] if v6 else tokens)
+    v6_bounds = _ipv6_bounds(v6) if keys is not None else None
+    if keys is None or v6_bounds is None:
+        return _parse_line_by_line(lines, source)
+    return AddressSet(_packed4(keys), _packed(6, v6_bounds))
+
+
+def _ipv6_bounds(tokens: list[str]) -> list[tuple[int, int]] | None:
+    """(first, last) of IPv6 CIDR tokens, or None when one is not that."""
+    out = []
+    for token in tokens:
+        try:
+            family, first, last = _bounds(token)
+        except ValueError:
+            return None
+        if family != 6:
+            return None
+        out.append((first, last))
+    return out
+
+
+def _parse_line_by_line(lines: list[str], source: str) -> AddressSet:
     found: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
     for lineno, raw in enumerate(lines, 1):
         text = raw.split("#", 1)[0].strip() if "#" in raw else raw.strip()

@@ -5,9 +5,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import and_, rshift
 from pathlib import Path
 from typing import overload
 
+from . import ipv4_keys
 from .errors import InvalidArgument
 
 
@@ -151,6 +154,13 @@ class PackedIntervals(Sequence[Interval]):
 
     def bounds(self) -> Iterator[tuple[int, int]]:
         """(first, last) pairs, without making Interval objects."""
+        w, data = self.width, self.data
+        if w == 4:  # in bulk: a 100k-entry bypass set is walked on every replace
+            keys = ipv4_keys.unpack(data)
+            return zip(map(rshift, keys, repeat(32)), map(and_, keys, repeat(ipv4_keys.LOW)), strict=True)
+        return self._wide_bounds()
+
+    def _wide_bounds(self) -> Iterator[tuple[int, int]]:
         w, data = self.width, self.data
         for start in range(0, len(data), 2 * w):
             yield int.from_bytes(data[start : start + w]), int.from_bytes(data[start + w : start + 2 * w])
@@ -346,17 +356,15 @@ class NmFacts:
 class NftState:
     """Everything that goes into table `inet tproxyd`.
 
-    `settings` and the bypass sets change only with the config (a full, atomic replace);
-    the link and local-subnet sets change with the network (element updates only)."""
+    `settings` change only with the config (a full, atomic replace); the bypass sets change
+    with the config too, and the link and local-subnet sets with the network (element updates,
+    see rules.nft.element_changes)."""
 
     settings: TproxySettings
     bypass: AddressSet
     lan_links: frozenset[str]
     host_links: frozenset[str]
     local: AddressSet
-
-    def same_skeleton(self, other: NftState) -> bool:
-        return self.settings == other.settings and self.bypass == other.bypass
 
 
 @dataclass(frozen=True, order=True)
