@@ -2,8 +2,9 @@
 
 Every trigger calls `request(reason)`. Requests coalesce (coalescer.py): however many arrive
 while a pass runs, one more pass follows. A pass reads the kernel facts, computes the desired state with
-pure functions, and applies only the difference: set elements when only links or local subnets
-changed (O(change)), one atomic table replace when the skeleton changed or drift was seen.
+pure functions, and applies only the difference: set elements when links, local subnets or the
+bypass list changed (O(change)), one atomic table replace when the settings changed, the bypass
+list changed wholesale, or drift was seen.
 A failed apply rolls back to the last applied state and is reported in the status."""
 
 from __future__ import annotations

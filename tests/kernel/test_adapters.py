@@ -11,7 +11,8 @@ import socket
 
 import pytest
 
-from tproxy_service.cidrs import parse_cidrs
+from tproxy_service.cidrs import parse_cidrs, union
+from tproxy_service.desired import RESERVED
 from tproxy_service.errors import KernelError
 from tproxy_service.kernel.facts import FactsReader
 from tproxy_service.kernel.nft import NftablesAdapter
@@ -19,7 +20,7 @@ from tproxy_service.kernel.nft_netlink import SetElementWriter, table_exists
 from tproxy_service.kernel.routing import RoutingAdapter
 from tproxy_service.model import AddressSet, RouteSpec, RuleSpec, TproxySettings
 from tproxy_service.monitors.nft_events import NftDriftWatch
-from tproxy_service.rules.nft import IfnameChange, IntervalChange, build_replace, link_elements
+from tproxy_service.rules.nft import IfnameChange, IntervalChange, build_replace, element_changes, link_elements
 from tproxy_service.rules.routing import build_routing
 
 from ..support import foreign_tables, wait_until, wait_until_async
@@ -97,6 +98,40 @@ def test_netlink_element_updates_interoperate_with_libnftables() -> None:
         # An element added over netlink is gone after a libnftables replace with the desired state.
         asyncio.run(adapter.replace(SCENARIOS["default"]))
         assert "veth-new" not in _elements("lan_links")
+        adapter.close()
+
+    run_in_netns(body)
+
+
+def test_a_changed_bypass_list_is_applied_as_element_changes_equal_to_a_replace() -> None:
+    """A Reload of a changed list (some entries gone, some new, one grown from the same start,
+    one merged with its neighbour, an IPv6 one) is a diff of the bypass sets, and the kernel then
+    holds exactly what a full replace of the new state would: listed the same, same lookups."""
+    old_user = parse_cidrs(["198.51.100.0/26", "203.0.113.0/25", "9.9.9.0/24", "2001:db8:aa::/48"], "t")
+    new_user = parse_cidrs(
+        ["198.51.100.0/25", "203.0.113.128/25", "9.9.9.0/24", "9.9.10.0/24", "2001:db8:bb::/48"], "t"
+    )
+    old = dataclasses.replace(SCENARIOS["default"], bypass=union(RESERVED, old_user))
+    new = dataclasses.replace(SCENARIOS["default"], bypass=union(RESERVED, new_user))
+
+    def listing() -> str:
+        return sh("nft list set inet tproxyd bypass4") + sh("nft list set inet tproxyd bypass6")
+
+    def body() -> None:
+        adapter = NftablesAdapter()
+        asyncio.run(adapter.replace(old))
+        changes = element_changes(old, new)
+        assert changes is not None, "a small change of the bypass list must not need a full replace"
+        assert {c.set_name for c in changes} == {"bypass4", "bypass6"}
+        SetElementWriter("tproxyd").apply(changes)
+        diffed = listing()
+        for address in ("198.51.100.100", "203.0.113.200", "9.9.9.9", "9.9.10.1"):
+            assert _contains("bypass4", address), address
+        for address in ("203.0.113.1", "9.9.11.1"):
+            assert not _contains("bypass4", address), address
+        assert _contains("bypass6", "2001:db8:bb::1") and not _contains("bypass6", "2001:db8:aa::1")
+        asyncio.run(adapter.replace(new))
+        assert diffed == listing()
         adapter.close()
 
     run_in_netns(body)

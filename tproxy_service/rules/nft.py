@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..cidrs import BITS, prefix_len, to_address
-from ..model import DnsHijack, FailurePolicy, Interval, NftState, TproxySettings
+from ..model import DnsHijack, FailurePolicy, Interval, NftState, PackedIntervals, TproxySettings
 
 FAMILY = "inet"
 TABLE = "tproxyd"
@@ -394,11 +394,28 @@ def _ifname_change(name: str, old: frozenset[str], new: frozenset[str]) -> list[
     return [IfnameChange(name, tuple(sorted(new - old)), tuple(sorted(old - new)))]
 
 
-def _interval_change(name: str, family: int, old: Sequence[Interval], new: Sequence[Interval]) -> list[SetChange]:
-    old_set, new_set = set(old), set(new)
-    if old_set == new_set:
-        return []
-    return [IntervalChange(name, family, tuple(sorted(new_set - old_set)), tuple(sorted(old_set - new_set)))]
+def _pairs(width: int, intervals: Sequence[Interval]) -> set[bytes]:
+    """The intervals as hashable packed (first, last) pairs: a 100k-entry bypass set is compared
+    without making an object per interval."""
+    data = PackedIntervals.pack(width, intervals).data
+    step = 2 * width
+    return {data[i : i + step] for i in range(0, len(data), step)}
+
+
+def _intervals(width: int, pairs: set[bytes]) -> tuple[Interval, ...]:
+    return tuple(sorted(Interval(int.from_bytes(p[:width]), int.from_bytes(p[width:])) for p in pairs))
+
+
+def _interval_changes(sets: list[tuple[str, int, Sequence[Interval], Sequence[Interval]]]) -> list[IntervalChange]:
+    """(set name, family, old, new) -> the changes: intervals added and removed, each sorted."""
+    changes = []
+    for name, family, old, new in sets:
+        if old != new:
+            width = BITS[family] // 8
+            old_pairs, new_pairs = _pairs(width, old), _pairs(width, new)
+            add, remove = _intervals(width, new_pairs - old_pairs), _intervals(width, old_pairs - new_pairs)
+            changes.append(IntervalChange(name, family, add, remove))
+    return changes
 
 
 def link_elements(state: NftState) -> list[SetChange]:
@@ -411,13 +428,19 @@ def link_elements(state: NftState) -> list[SetChange]:
 
 
 def element_changes(old: NftState, new: NftState) -> list[SetChange] | None:
-    """The set-element changes turning `old` into `new`, or None when the table skeleton
-    (settings or bypass sets) differs and a full replace is needed."""
-    if not old.same_skeleton(new):
+    """The set-element changes turning `old` into `new`, or None when a full replace is needed:
+    the settings (chains and rules) differ, or the bypass sets changed so much that writing them
+    anew costs the kernel less (a changed interval is one delete and one insert; a replace is
+    one insert per interval of the new sets)."""
+    if old.settings != new.settings:
         return None
-    return (
-        _ifname_change(SET_LAN_LINKS, old.lan_links, new.lan_links)
-        + _ifname_change(SET_HOST_LINKS, old.host_links, new.host_links)
-        + _interval_change(SET_LOCAL4, 4, old.local.v4, new.local.v4)
-        + _interval_change(SET_LOCAL6, 6, old.local.v6, new.local.v6)
+    bypass = _interval_changes(
+        [(SET_BYPASS4, 4, old.bypass.v4, new.bypass.v4), (SET_BYPASS6, 6, old.bypass.v6, new.bypass.v6)]
     )
+    if sum(len(c.add) + len(c.remove) for c in bypass) > len(new.bypass.v4) + len(new.bypass.v6):
+        return None
+    local = _interval_changes(
+        [(SET_LOCAL4, 4, old.local.v4, new.local.v4), (SET_LOCAL6, 6, old.local.v6, new.local.v6)]
+    )
+    links = _ifname_change(SET_LAN_LINKS, old.lan_links, new.lan_links)
+    return links + _ifname_change(SET_HOST_LINKS, old.host_links, new.host_links) + local + bypass
