@@ -5,6 +5,7 @@ the middle of one, and SIGHUP takes the same path as D-Bus Reload (the same roll
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -75,6 +76,33 @@ def test_reload_with_a_missing_list_file_names_the_key_and_line_and_keeps_the_co
         f"{daemon.config}:{line}: bypass.files: cannot read CIDR list file {missing}: No such file or directory"
     )
     assert (daemon.netns.kernel_state(), bus.properties()) == before  # the running config is kept
+
+
+def _handles(daemon: h.Tproxyd) -> list[str]:
+    """The handles of the table's sets, chains and rules: a rebuild gives them new numbers."""
+    return re.findall(r"# handle (\d+)", daemon.netns.exec("nft", "-a", "list", "table", "inet", "tproxyd").stdout)
+
+
+def test_a_changed_list_is_reloaded_in_place_and_a_settings_change_rebuilds(
+    daemon: h.Tproxyd, bus: h.PrivateBus, tmp_path: Path
+) -> None:
+    """A Reload of a changed list file changes the bypass sets' elements only: every set, chain
+    and rule keeps its handle, the new entries are in, the dropped ones out."""
+    listed = tmp_path / "list.txt"
+    listed.write_text("45.67.0.0/16\n9.9.9.0/24\n2001:db8:aa::/48\n")
+    write_config(daemon, f'files = ["{listed}"]')
+    assert bus.call("Reload").error is None
+    before = _handles(daemon)
+    assert len(before) > 10
+    listed.write_text("45.67.0.0/16\n9.9.10.0/24\n2001:db8:bb::/48\n")
+    assert bus.call("Reload").error is None
+    table = daemon.netns.nft_table()
+    assert "9.9.10.0/24" in table and "2001:db8:bb::/48" in table
+    assert "9.9.9.0/24" not in table and "2001:db8:aa::/48" not in table
+    assert _handles(daemon) == before, "the table was rebuilt for a list change"
+    write_config(daemon, f'files = ["{listed}"]', tproxy="udp = false")
+    assert bus.call("Reload").error is None
+    assert _handles(daemon) != before and "9.9.10.0/24" in daemon.netns.nft_table()
 
 
 @pytest.fixture
