@@ -7,9 +7,10 @@ link (a veth), unsupervised core:
   * start to ready: process start -> the `tproxyd ready` log line;
   * RSS and USS (private pages, /proc/PID/smaps_rollup) settled 2 s after ready;
   * Reload (SIGHUP) of an unchanged list: -> the `config from PATH in place` line;
-  * 3 Reloads of a changed list (another random list each): -> one of its new entries is in the
-    kernel's bypass set (a GETSETELEM lookup every 2 ms from a process in the namespace);
-    RSS/USS after them;
+  * Reloads of a changed list, -> one of its new entries is in the kernel's bypass set (a
+    GETSETELEM lookup every 2 ms from a process in the namespace): `--reloads` updates (the
+    first list with 1% of its IPv4 lines replaced, as a daily update of a real list changes it),
+    then `--reloads` whole new lists (another random list each); RSS/USS after them;
   * idle: context switches of all its threads over `--idle` seconds (largest size, first run).
 Writes the raw samples as JSON (`--json`, default bench/results/footprint.json); `bench/render.py`
 turns them into BENCHMARKS.md's tables.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import signal
 import subprocess
@@ -94,6 +96,19 @@ def write_list(path: Path, v4: int, v6: int, seed_offset: int) -> str | None:
     return next(line for line in lines if line and not line.startswith("#") and ":" not in line).split("/")[0]
 
 
+def write_update(path: Path, v4: int, v6: int, update: int) -> str:
+    """The first list (write_list's offset 0) with 1% of its IPv4 lines replaced by other /24s;
+    returns one new entry's first address (a probe)."""
+    lines = bypass_lines(v4, v6)
+    taken = set(lines)
+    fresh = [c for c in random_v4_cidrs(v4, SEED + 1000 + update) if c not in taken][: max(1, v4 // 100)]
+    ipv4_lines = [i for i, line in enumerate(lines) if "/" in line and ":" not in line]
+    for index, cidr in zip(random.Random(SEED + update).sample(ipv4_lines, len(fresh)), fresh, strict=True):
+        lines[index] = cidr
+    path.write_text("\n".join(lines) + "\n")
+    return fresh[0].split("/")[0]
+
+
 def wait_for(condition: Any, timeout: float, what: str, every: float = 0.005) -> float:
     start = time.perf_counter()
     while not condition():
@@ -162,19 +177,14 @@ def one_run(
         daemon.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: sum(" in place" in x for x in daemon.stderr_lines) > reloaded, 60, "the reload")
         out["reload_unchanged_s"] = time.perf_counter() - start
-        out["reload_changed_s"] = []
+        out["reload_updated_s"], out["reload_changed_s"] = [], []
         for i in range(1, args.reloads + 1 if v4 else 1):
-            probe = write_list(lists, v4, 0, i)
-
-            assert probe is not None
-            argv = ["ip", "netns", "exec", ns, PYTHON, __file__, "--probe", probe]
-            with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as poller:
-                assert poller.stdout is not None
-                assert poller.stdout.readline().strip() == "ready"
-                start = time.perf_counter()
-                daemon.proc.send_signal(signal.SIGHUP)
-                assert poller.stdout.readline().strip() == "found"
-                out["reload_changed_s"].append(time.perf_counter() - start)
+            probe = write_update(lists, v4, args.v6, i)
+            out["reload_updated_s"].append(timed_reload(ns, daemon, probe))
+        for i in range(1, args.reloads + 1 if v4 else 1):
+            whole = write_list(lists, v4, 0, i)
+            assert whole is not None
+            out["reload_changed_s"].append(timed_reload(ns, daemon, whole))
         time.sleep(2.0)
         out["after_reloads"] = memory_kb(pid)
         if idle > 0:
@@ -183,6 +193,19 @@ def one_run(
     finally:
         daemon.stop()
     return out
+
+
+def timed_reload(ns: str, daemon: Daemon, probe: str) -> float:
+    """SIGHUP -> `probe` is an element of the kernel's bypass set, in seconds."""
+    assert daemon.proc is not None
+    argv = ["ip", "netns", "exec", ns, PYTHON, __file__, "--probe", probe]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as poller:
+        assert poller.stdout is not None
+        assert poller.stdout.readline().strip() == "ready"
+        start = time.perf_counter()
+        daemon.proc.send_signal(signal.SIGHUP)
+        assert poller.stdout.readline().strip() == "found"
+        return time.perf_counter() - start
 
 
 def run(args: argparse.Namespace) -> Report:

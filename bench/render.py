@@ -113,6 +113,7 @@ def footprint(data: dict[str, Any], nft_f_ms: Callable[[int], float | None]) -> 
     rows, goals = [], []
     for (variant, v4), runs in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0] != "ours")):
         changed = [x * 1000 for r in runs for x in r["reload_changed_s"]]
+        updated = [x * 1000 for r in runs for x in r.get("reload_updated_s", [])]
         rows.append(
             [
                 f"{v4:,}" + (f" + {data['v6']:,}" if v4 else ""),
@@ -125,6 +126,7 @@ def footprint(data: dict[str, Any], nft_f_ms: Callable[[int], float | None]) -> 
                 ),
                 "/".join(_spread([r["ready_s"] for r in runs])),
                 "/".join(_spread([r["reload_unchanged_s"] * 1000 for r in runs])),
+                "/".join(_spread(updated)) if updated else "-",
                 "/".join(_spread(changed)) if changed else "-",
             ]
         )
@@ -135,7 +137,10 @@ def footprint(data: dict[str, Any], nft_f_ms: Callable[[int], float | None]) -> 
         after = statistics.median(r["after_reloads"]["rss"] / 1024 for r in ours)
         ready = statistics.median(r["ready_s"] for r in ours)
         unchanged = statistics.median(r["reload_unchanged_s"] * 1000 for r in ours)
-        changed = statistics.median(x * 1000 for r in ours for x in r["reload_changed_s"])
+        reloads = {
+            "1% of its IPv4 lines replaced": [x * 1000 for r in ours for x in r.get("reload_updated_s", [])],
+            "a whole new list": [x * 1000 for r in ours for x in r["reload_changed_s"]],
+        }
         label = f"{top:,} + {data['v6']:,}"
         goals += [
             (f"RSS settled, {label}", f"<= {RSS_GOAL_MB:.0f} MB", f"{settled:.1f} MB", settled <= RSS_GOAL_MB),
@@ -154,16 +159,19 @@ def footprint(data: dict[str, Any], nft_f_ms: Callable[[int], float | None]) -> 
             ),
         ]
         base = nft_f_ms(top)
-        if base:
-            value = changed / base
-            goals.append(
-                (
-                    "Reload, list changed (SIGHUP -> new entry in the kernel)",
-                    f"<= {RELOAD_CHANGED_GOAL}x nft -f (full apply, steady, median)",
-                    f"{changed:.0f} ms = {value:.2f}x",
-                    value <= RELOAD_CHANGED_GOAL,
+        for change, samples in reloads.items() if base else ():
+            assert base is not None
+            if samples:
+                median = statistics.median(samples)
+                value = median / base
+                goals.append(
+                    (
+                        f"Reload, list changed: {change} (SIGHUP -> new entry in the kernel)",
+                        f"<= {RELOAD_CHANGED_GOAL}x nft -f (full apply, steady, median)",
+                        f"{median:.0f} ms = {value:.2f}x",
+                        value <= RELOAD_CHANGED_GOAL,
+                    )
                 )
-            )
         idle = [r for r in ours if "idle_switches" in r]
         if idle:
             goals += idle_goal(idle[0], "without a bus (unsupervised core)")
@@ -180,7 +188,8 @@ def footprint(data: dict[str, Any], nft_f_ms: Callable[[int], float | None]) -> 
         "USS after Reloads MB",
         "start to ready s",
         "Reload unchanged ms",
-        "Reload changed ms",
+        "Reload 1% changed ms",
+        "Reload new list ms",
     ]
     text = "Each cell: min/median/max.\n\n" + table(heads, rows)
     if idle_rows:

@@ -291,7 +291,12 @@ class Engine:
         if prev.routing != desired.routing or not prev.known or routing_drift:
             await self._routing.ensure(desired.routing)
             await self._routing.remove(_minus(prev.routing, desired.routing))
-        changes = None if prev.nft is None or nft_drift else element_changes(prev.nft, desired.nft)
+        if prev.nft is None or nft_drift:
+            changes = None
+        elif prev.nft.bypass == desired.nft.bypass:
+            changes = element_changes(prev.nft, desired.nft)
+        else:  # a changed bypass list: a walk over 100k entries each, off the event loop
+            changes = await asyncio.to_thread(element_changes, prev.nft, desired.nft)
         if changes is None:
             await self._nft.replace(desired.nft)
         elif changes:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import threading
 from pathlib import Path
@@ -143,3 +144,22 @@ def test_an_unchanged_list_file_is_not_parsed_again(tmp_path: Path, monkeypatch:
     path.unlink()
     with pytest.raises(ConfigError, match="cannot read CIDR list file"):
         cidrs.load_cidr_file_cached(path)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_packed_diff_is_the_set_difference_either_way(seed: int) -> None:
+    """Against sets of intervals, for both families, sizes on both sides of the 64-record block
+    the walk skips by, and changes anywhere (start, middle, end, all)."""
+    rng = random.Random(seed)
+    family = 4 if seed % 3 else 6
+    width = 4 if family == 4 else 16
+    pool = sorted({rng.getrandbits(8 * width - 8) << 8 for _ in range(rng.choice([0, 3, 64, 65, 300, 1000]))})
+    old = [iv for iv in (Interval(p, p + 7) for p in pool) if rng.random() < 0.9]
+    new = [iv for iv in (Interval(p, p + 7) for p in pool) if rng.random() < rng.choice([0.0, 0.5, 0.99, 1.0])]
+    added, removed = cidrs.packed_diff(PackedIntervals.pack(width, old), PackedIntervals.pack(width, new), 10**6)
+    assert added == tuple(sorted(set(new) - set(old)))
+    assert removed == tuple(sorted(set(old) - set(new)))
+    changed = len(added) + len(removed)
+    if changed:
+        limited = cidrs.packed_diff(PackedIntervals.pack(width, old), PackedIntervals.pack(width, new), changed - 1)
+        assert limited is None

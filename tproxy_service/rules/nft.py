@@ -21,11 +21,12 @@ Everything lives in one table, `inet tproxyd`. Chains:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..cidrs import BITS, prefix_len, to_address
+from ..cidrs import BITS, packed_diff, prefix_len, to_address
 from ..model import DnsHijack, FailurePolicy, Interval, NftState, PackedIntervals, TproxySettings
 
 FAMILY = "inet"
@@ -394,27 +395,21 @@ def _ifname_change(name: str, old: frozenset[str], new: frozenset[str]) -> list[
     return [IfnameChange(name, tuple(sorted(new - old)), tuple(sorted(old - new)))]
 
 
-def _pairs(width: int, intervals: Sequence[Interval]) -> set[bytes]:
-    """The intervals as hashable packed (first, last) pairs: a 100k-entry bypass set is compared
-    without making an object per interval."""
-    data = PackedIntervals.pack(width, intervals).data
-    step = 2 * width
-    return {data[i : i + step] for i in range(0, len(data), step)}
-
-
-def _intervals(width: int, pairs: set[bytes]) -> tuple[Interval, ...]:
-    return tuple(sorted(Interval(int.from_bytes(p[:width]), int.from_bytes(p[width:])) for p in pairs))
-
-
-def _interval_changes(sets: list[tuple[str, int, Sequence[Interval], Sequence[Interval]]]) -> list[IntervalChange]:
-    """(set name, family, old, new) -> the changes: intervals added and removed, each sorted."""
-    changes = []
+def _interval_changes(
+    sets: list[tuple[str, int, Sequence[Interval], Sequence[Interval]]], limit: int
+) -> list[SetChange] | None:
+    """(set name, family, old, new) -> the changes of the sets that differ; None once more than
+    `limit` intervals changed in all."""
+    changes: list[SetChange] = []
     for name, family, old, new in sets:
         if old != new:
             width = BITS[family] // 8
-            old_pairs, new_pairs = _pairs(width, old), _pairs(width, new)
-            add, remove = _intervals(width, new_pairs - old_pairs), _intervals(width, old_pairs - new_pairs)
-            changes.append(IntervalChange(name, family, add, remove))
+            diff = packed_diff(PackedIntervals.pack(width, old), PackedIntervals.pack(width, new), limit)
+            if diff is None:
+                return None
+            added, removed = diff
+            limit -= len(added) + len(removed)
+            changes.append(IntervalChange(name, family, added, removed))
     return changes
 
 
@@ -435,12 +430,15 @@ def element_changes(old: NftState, new: NftState) -> list[SetChange] | None:
     if old.settings != new.settings:
         return None
     bypass = _interval_changes(
-        [(SET_BYPASS4, 4, old.bypass.v4, new.bypass.v4), (SET_BYPASS6, 6, old.bypass.v6, new.bypass.v6)]
+        [(SET_BYPASS4, 4, old.bypass.v4, new.bypass.v4), (SET_BYPASS6, 6, old.bypass.v6, new.bypass.v6)],
+        len(new.bypass.v4) + len(new.bypass.v6),
     )
-    if sum(len(c.add) + len(c.remove) for c in bypass) > len(new.bypass.v4) + len(new.bypass.v6):
+    if bypass is None:
         return None
     local = _interval_changes(
-        [(SET_LOCAL4, 4, old.local.v4, new.local.v4), (SET_LOCAL6, 6, old.local.v6, new.local.v6)]
+        [(SET_LOCAL4, 4, old.local.v4, new.local.v4), (SET_LOCAL6, 6, old.local.v6, new.local.v6)], sys.maxsize
     )
+    assert local is not None
     links = _ifname_change(SET_LAN_LINKS, old.lan_links, new.lan_links)
-    return links + _ifname_change(SET_HOST_LINKS, old.host_links, new.host_links) + local + bypass
+    host_links = _ifname_change(SET_HOST_LINKS, old.host_links, new.host_links)
+    return links + host_links + local + bypass
