@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from itertools import repeat
 from operator import itemgetter
 from pathlib import Path
+from typing import Protocol
 
 from . import ipv4_keys
 from .bounded_read import decode, lines_within, read_bytes, read_lines
@@ -102,10 +103,25 @@ def union(*sets: AddressSet) -> AddressSet:
     last = _last_union
     if last is not None and len(last[0]) == len(nonempty) and all(map(operator.is_, last[0], nonempty)):
         return last[1]
-    v4 = [key for s in nonempty for key in ipv4_keys.unpack(PackedIntervals.pack(4, s.v4).data)]
-    result = AddressSet(_packed4(v4), _packed(6, [b for s in nonempty for b in _pairs(s.v6)]))
+    result = AddressSet(
+        _union4([PackedIntervals.pack(4, s.v4) for s in nonempty]),
+        _packed(6, [b for s in nonempty for b in _pairs(s.v6)]),
+    )
     _last_union = (nonempty, result)
     return result
+
+
+_FEW = 4096  # intervals merged into a larger list one by one (ipv4_keys.insert)
+
+
+def _union4(parts: list[PackedIntervals]) -> PackedIntervals:
+    """A big list and a few more (the reserved ranges, [bypass] cidrs) are merged by insertion;
+    anything else in bulk."""
+    parts = sorted(parts, key=len)
+    if parts and sum(map(len, parts[:-1])) <= _FEW:
+        few = [first << 32 | last for part in parts[:-1] for first, last in part.bounds()]
+        return PackedIntervals(4, ipv4_keys.insert(parts[-1].data, few))
+    return _packed4([key for part in parts for key in ipv4_keys.unpack(part.data)])
 
 
 def parse_cidrs(texts: Iterable[str], where: str) -> AddressSet:
@@ -176,6 +192,18 @@ def load_cidr_file(
     return parse_cidr_lines(lines, str(path))
 
 
+def parse_list_bytes(data: bytes, path: Path, max_lines: int, cancel: threading.Event | None = None) -> AddressSet:
+    """A CIDR list file's content (read within its byte limit), within `max_lines`."""
+    text = decode(data, path, "CIDR list file")
+    return parse_cidr_lines(lines_within(text, path, max_lines, "CIDR list file", "[bypass]", cancel), str(path))
+
+
+class ListParser(Protocol):
+    def __call__(
+        self, data: bytes, path: Path, max_lines: int, cancel: threading.Event | None = None
+    ) -> AddressSet: ...
+
+
 @dataclass(frozen=True)
 class _Loaded:
     stat: tuple[int, ...]
@@ -197,10 +225,13 @@ def load_cidr_file_cached(
     max_bytes: int = DEFAULT_MAX_FILE_BYTES,
     max_lines: int = DEFAULT_MAX_FILE_LINES,
     cancel: threading.Event | None = None,
+    parse: ListParser | None = None,
 ) -> AddressSet:
     """`load_cidr_file`, skipped when the file did not change since the last load under the same
     limits: the same inode, size and times, or else the same content hash (read within the same
-    bounds). Returns the same AddressSet object then, so nothing downstream is rebuilt either."""
+    bounds). Returns the same AddressSet object then, so nothing downstream is rebuilt either.
+    `parse` parses a changed file's bytes (default: parse_list_bytes, in this process)."""
+    parse = parse or parse_list_bytes
     try:
         stat = (*_stat_key(path), max_bytes, max_lines)
     except OSError:
@@ -213,10 +244,7 @@ def load_cidr_file_cached(
     if known is not None and known.digest == digest and known.stat[-2:] == stat[-2:]:
         addresses = known.addresses
     else:  # parse the bytes just hashed: the file is read once
-        text = decode(data, path, "CIDR list file")
-        addresses = parse_cidr_lines(
-            lines_within(text, path, max_lines, "CIDR list file", "[bypass]", cancel), str(path)
-        )
+        addresses = parse(data, path, max_lines, cancel)
     _loaded.pop(path, None)
     while len(_loaded) >= _LOADED_MAX:
         _loaded.pop(next(iter(_loaded)))

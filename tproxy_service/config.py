@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .bounded_read import read_text
-from .cidrs import load_cidr_file_cached, parse_cidrs, union
+from .cidrs import ListParser, load_cidr_file_cached, parse_cidrs, union
 from .errors import ConfigError, InvalidArgument
 from .ifname import parse_link
 from .model import (
@@ -245,7 +245,11 @@ def _networkmanager(src: _Source, table: dict[str, Any]) -> NetworkManagerSettin
 
 
 def parse_config(
-    text: str, name: str = "<config>", base: Path | None = None, cancel: threading.Event | None = None
+    text: str,
+    name: str = "<config>",
+    base: Path | None = None,
+    cancel: threading.Event | None = None,
+    parse_list: ListParser | None = None,
 ) -> Config:
     """Parse and validate config text. CIDR list files named in it are read too, within the
     [bypass] limits; setting `cancel` abandons that (Cancelled)."""
@@ -305,7 +309,7 @@ def parse_config(
     max_bytes = bypass_t.get("max_file_bytes", DEFAULT_MAX_FILE_BYTES)
     max_lines = bypass_t.get("max_file_lines", DEFAULT_MAX_FILE_LINES)
     try:
-        lists = [load_cidr_file_cached(f, max_bytes, max_lines, cancel) for f in files]
+        lists = [load_cidr_file_cached(f, max_bytes, max_lines, cancel, parse_list) for f in files]
     except ConfigError as e:  # a missing, bad or oversized list: which key of which config brought it in
         raise src.error("bypass", "files", str(e)) from None
     user_bypass: AddressSet = union(user_cidrs, *lists)
@@ -340,8 +344,9 @@ def _given(table: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {key: table[key] for key in keys if key in table}
 
 
-def load_config(path: Path, cancel: threading.Event | None = None) -> Config:
+def load_config(path: Path, cancel: threading.Event | None = None, parse_list: ListParser | None = None) -> Config:
     """The config file and the list files it names; raises ConfigError, or Cancelled once
-    `cancel` is set (blocking: the daemon calls it in a thread)."""
+    `cancel` is set (blocking: the daemon calls it in a thread). `parse_list` parses a changed
+    list file (cidrs.load_cidr_file_cached)."""
     text = read_text(path, MAX_CONFIG_BYTES, "config file", "a config is at most 1 MiB")
-    return dataclasses.replace(parse_config(text, str(path), path.parent, cancel), path=path)
+    return dataclasses.replace(parse_config(text, str(path), path.parent, cancel, parse_list), path=path)

@@ -26,6 +26,7 @@ from .kernel.admission import FirewallAdmission
 from .kernel.facts import FactsReader
 from .kernel.nft import NftablesAdapter
 from .kernel.routing import RoutingAdapter
+from .list_child import parse_in_child
 from .logsetup import sd_notify, setup_logging
 from .model import Config, FailurePolicy, NmFacts
 from .monitors.netlink import NetlinkMonitor
@@ -262,9 +263,10 @@ async def release(config: Config) -> None:
 
 
 def _load_and_merge(path: Path, cancel: threading.Event) -> Config:
-    """Off the event loop: parse the config and lists, and merge the bypass set the engine will
-    ask for (cidrs.union returns this result again for the same inputs)."""
-    config = load_config(path, cancel)
+    """Off the event loop: parse the config and lists (a changed list in a child process, see
+    list_child.py), and merge the bypass set the engine will ask for (cidrs.union returns this
+    result again for the same inputs)."""
+    config = load_config(path, cancel, parse_in_child)
     bypass_set(config)
     return config
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import socket
 import sys
 from array import array
-from collections.abc import Sequence
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Sequence
 from functools import partial
 from itertools import accumulate, compress, repeat
 from operator import add, and_, gt, lshift, or_, rshift, sub
@@ -87,3 +88,34 @@ def unpack(data: bytes) -> list[int]:
     if _SWAP:
         words.byteswap()
     return words.tolist()
+
+
+def insert(packed: bytes, keys: Iterable[int]) -> bytes:
+    """`packed` (sorted and merged, as pack() writes it) with `keys` merged in, each by one bisect
+    and one splice: a few intervals (the reserved ranges) join a 100k list without the list ever
+    existing as 100k objects."""
+    words = array("Q")
+    words.frombytes(packed)
+    if _SWAP:
+        words.byteswap()
+    for key in keys:
+        first, last = key >> 32, key & LOW
+        lo = bisect_left(words, first << 32)
+        if lo and (words[lo - 1] & LOW) + 1 >= first:  # the one before reaches it (or touches it)
+            lo -= 1
+        hi = bisect_right(words, min(last + 1, LOW) << 32 | LOW)  # every one starting by last + 1
+        if hi > lo:
+            first, last = min(first, words[lo] >> 32), max(last, words[hi - 1] & LOW)
+        words[lo:hi] = array("Q", (first << 32 | last,))
+    if _SWAP:
+        words.byteswap()
+    return words.tobytes()
+
+
+def iterate(packed: bytes) -> Iterable[int]:
+    """The keys of `packed` one at a time (no list of them all)."""
+    words = array("Q")
+    words.frombytes(packed)
+    if _SWAP:
+        words.byteswap()
+    return iter(words)

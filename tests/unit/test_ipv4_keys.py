@@ -99,3 +99,20 @@ def test_keys_pack_as_packed_intervals() -> None:
     data = ipv4_keys.pack(keys)
     assert data == bytes.fromhex("c6336400c63364ffffffff00ffffffff")
     assert ipv4_keys.unpack(data) == keys
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_insert_equals_merging_everything(seed: int) -> None:
+    """A few intervals inserted into a big merged list give what merging all of them gives:
+    joined neighbours on either side, swallowed stretches, both ends of the address space."""
+    rng = random.Random(seed)
+    big = []
+    for _ in range(rng.choice([0, 1, 50, 500])):
+        first = rng.randrange(0, 1 << 16) << 8 if seed % 2 else rng.getrandbits(32)
+        big.append(first << 32 | min(first + rng.choice([0, 255, 4095]), ipv4_keys.LOW))
+    few = []
+    for _ in range(rng.choice([1, 3, 20])):
+        first = rng.choice([0, ipv4_keys.LOW, rng.getrandbits(32), rng.randrange(0, 1 << 24)])
+        few.append(first << 32 | min(first + rng.choice([0, 1, 300, 1 << 20]), ipv4_keys.LOW))
+    packed = ipv4_keys.pack(ipv4_keys.merged(list(big)))
+    assert ipv4_keys.unpack(ipv4_keys.insert(packed, few)) == ipv4_keys.merged(big + few)
