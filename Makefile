@@ -181,6 +181,7 @@ uninstall:
 	elif [ -e $(CONFDIR)/config.toml ]; then echo "uninstall: keeping your edited $(CONFDIR)/config.toml"; fi
 	rm -rf $(DESTDIR)/run/tproxyd
 	-rmdir $(DESTDIR)/var/log/tproxyd 2>/dev/null  # the core's LogsDirectory, if it holds nothing
+	rm -rf $(STATEDIR)/lists  # parsed bypass lists kept across restarts: a cache, not a choice
 	@if [ -d $(STATEDIR) ]; then echo "uninstall: keeping the saved choices in $(STATEDIR) (make purge removes them)"; fi
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 

@@ -91,9 +91,18 @@ def lines_within(
     text: str, path: Path, max_lines: int, what: str, section: str, cancel: threading.Event | None = None
 ) -> Iterator[str]:
     """The lines of `path`'s `text` (already read within its byte limit), within `max_lines`."""
-    if text.count("\n") + (not text.endswith("\n")) > max_lines:
-        raise ConfigError(f"{what} {path} has more than {max_lines} lines ({section} max_file_lines)")
+    check_line_count(text, path, max_lines, what, section)
     return cancellable(text.splitlines(), cancel)
+
+
+def check_line_count(content: str | bytes, path: Path, max_lines: int, what: str, section: str) -> None:
+    """ConfigError when `content` has more than `max_lines` lines (a last line may lack its "\n")."""
+    if isinstance(content, str):
+        lines = content.count("\n") + (not content.endswith("\n"))
+    else:
+        lines = content.count(b"\n") + (not content.endswith(b"\n"))
+    if lines > max_lines:
+        raise ConfigError(f"{what} {path} has more than {max_lines} lines ({section} max_file_lines)")
 
 
 def cancellable(lines: Iterable[str], cancel: threading.Event | None) -> Iterator[str]:

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Protocol
 
 from . import ipv4_keys
-from .bounded_read import decode, lines_within, read_bytes, read_lines
+from .bounded_read import check_line_count, decode, lines_within, read_bytes, read_lines
 from .errors import ConfigError
+from .list_cache import ListCache
 from .model import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_FILE_LINES, AddressSet, Interval, PackedIntervals
 
 BITS = {4: 32, 6: 128}
@@ -226,11 +227,13 @@ def load_cidr_file_cached(
     max_lines: int = DEFAULT_MAX_FILE_LINES,
     cancel: threading.Event | None = None,
     parse: ListParser | None = None,
+    cache: ListCache | None = None,
 ) -> AddressSet:
     """`load_cidr_file`, skipped when the file did not change since the last load under the same
     limits: the same inode, size and times, or else the same content hash (read within the same
     bounds). Returns the same AddressSet object then, so nothing downstream is rebuilt either.
-    `parse` parses a changed file's bytes (default: parse_list_bytes, in this process)."""
+    `parse` parses a changed file's bytes (default: parse_list_bytes, in this process); `cache`
+    keeps what it parsed across restarts (list_cache.py)."""
     parse = parse or parse_list_bytes
     try:
         stat = (*_stat_key(path), max_bytes, max_lines)
@@ -238,13 +241,24 @@ def load_cidr_file_cached(
         return load_cidr_file(path, max_bytes, max_lines, cancel)  # says why, as an uncached load would
     known = _loaded.get(path)
     if known is not None and known.stat == stat:
+        if cache is not None:
+            cache.keep(known.digest)
         return known.addresses
     data = read_bytes(path, max_bytes, "CIDR list file", "[bypass] max_file_bytes")
     digest = hashlib.sha256(data).digest()
     if known is not None and known.digest == digest and known.stat[-2:] == stat[-2:]:
         addresses = known.addresses
-    else:  # parse the bytes just hashed: the file is read once
-        addresses = parse(data, path, max_lines, cancel)
+        if cache is not None:
+            cache.keep(digest)
+    else:  # parse the bytes just hashed (the file is read once), unless parsed before a restart
+        kept = cache.get(digest) if cache is not None else None
+        if kept is not None:
+            check_line_count(data, path, max_lines, "CIDR list file", "[bypass]")
+            addresses = kept
+        else:
+            addresses = parse(data, path, max_lines, cancel)
+            if cache is not None:
+                cache.put(digest, addresses)
     _loaded.pop(path, None)
     while len(_loaded) >= _LOADED_MAX:
         _loaded.pop(next(iter(_loaded)))

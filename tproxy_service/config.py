@@ -14,6 +14,7 @@ from .bounded_read import read_text
 from .cidrs import ListParser, load_cidr_file_cached, parse_cidrs, union
 from .errors import ConfigError, InvalidArgument
 from .ifname import parse_link
+from .list_cache import ListCache
 from .model import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_FILE_LINES,
@@ -250,9 +251,11 @@ def parse_config(
     base: Path | None = None,
     cancel: threading.Event | None = None,
     parse_list: ListParser | None = None,
+    cache_lists: bool = False,
 ) -> Config:
     """Parse and validate config text. CIDR list files named in it are read too, within the
-    [bypass] limits; setting `cancel` abandons that (Cancelled)."""
+    [bypass] limits; setting `cancel` abandons that (Cancelled). `parse_list` parses a changed
+    list file; with `cache_lists`, parsed lists are kept under `state_dir` across restarts."""
     src = _Source(name, text)
     base = base or Path.cwd()
     try:
@@ -308,15 +311,17 @@ def parse_config(
         raise ConfigError(f"{name}:{line}: {e}" if line else f"{name}: {e}") from None
     max_bytes = bypass_t.get("max_file_bytes", DEFAULT_MAX_FILE_BYTES)
     max_lines = bypass_t.get("max_file_lines", DEFAULT_MAX_FILE_LINES)
-    try:
-        lists = [load_cidr_file_cached(f, max_bytes, max_lines, cancel, parse_list) for f in files]
-    except ConfigError as e:  # a missing, bad or oversized list: which key of which config brought it in
-        raise src.error("bypass", "files", str(e)) from None
-    user_bypass: AddressSet = union(user_cidrs, *lists)
-
     given: dict[str, Any] = {
         key: _path(base, data[key], src, key) for key in ("state_dir", "runtime_dir") if key in data
     }
+    cache = ListCache(given.get("state_dir", Config.state_dir) / "lists") if cache_lists else None
+    try:
+        lists = [load_cidr_file_cached(f, max_bytes, max_lines, cancel, parse_list, cache) for f in files]
+    except ConfigError as e:  # a missing, bad or oversized list: which key of which config brought it in
+        raise src.error("bypass", "files", str(e)) from None
+    if cache is not None:
+        cache.prune()
+    user_bypass: AddressSet = union(user_cidrs, *lists)
     core_given = _given(core_t, "supervise", "unit", "systemd_bus", "sniffing")
     if "config" in core_t:
         core_given["config"] = _path(base, core_t["config"], src, "core.config")
@@ -344,9 +349,14 @@ def _given(table: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {key: table[key] for key in keys if key in table}
 
 
-def load_config(path: Path, cancel: threading.Event | None = None, parse_list: ListParser | None = None) -> Config:
-    """The config file and the list files it names; raises ConfigError, or Cancelled once
-    `cancel` is set (blocking: the daemon calls it in a thread). `parse_list` parses a changed
-    list file (cidrs.load_cidr_file_cached)."""
+def load_config(
+    path: Path,
+    cancel: threading.Event | None = None,
+    parse_list: ListParser | None = None,
+    cache_lists: bool = False,
+) -> Config:
+    """The config file and the list files it names (see parse_config); raises ConfigError, or
+    Cancelled once `cancel` is set (blocking: the daemon calls it in a thread)."""
     text = read_text(path, MAX_CONFIG_BYTES, "config file", "a config is at most 1 MiB")
-    return dataclasses.replace(parse_config(text, str(path), path.parent, cancel, parse_list), path=path)
+    config = parse_config(text, str(path), path.parent, cancel, parse_list, cache_lists)
+    return dataclasses.replace(config, path=path)

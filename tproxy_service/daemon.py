@@ -266,7 +266,7 @@ def _load_and_merge(path: Path, cancel: threading.Event) -> Config:
     """Off the event loop: parse the config and lists (a changed list in a child process, see
     list_child.py), and merge the bypass set the engine will ask for (cidrs.union returns this
     result again for the same inputs)."""
-    config = load_config(path, cancel, parse_in_child)
+    config = load_config(path, cancel, parse_in_child, cache_lists=True)
     bypass_set(config)
     return config
 
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     heap.keep_large_blocks_mapped()
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, cache_lists=not (args.check or args.release))
     except ConfigError as e:
         print(f"tproxyd: config error: {e}", file=sys.stderr)
         return 2
