@@ -4,7 +4,8 @@ For each variant of the code (`ours` = this tree; `--baseline DIR` = the tproxy_
 under DIR, e.g. `git archive main tproxy_service | tar -x -C DIR`), interleaved in one run, and
 for each list size (IPv4 /24s + 2k IPv6 /48s; 0 = no list), in a fresh namespace with one lan
 link (a veth), unsupervised core:
-  * start to ready: process start -> the `tproxyd ready` log line;
+  * start to ready: process start -> the `tproxyd ready` log line; then a restart to ready
+    with the list unchanged (its parse kept in state_dir);
   * RSS and USS (private pages, /proc/PID/smaps_rollup) settled 2 s after ready;
   * Reload (SIGHUP) of an unchanged list: -> the `config from PATH in place` line;
   * Reloads of a changed list, -> one of its new entries is in the kernel's bypass set (a
@@ -168,6 +169,8 @@ def one_run(
     out: dict[str, Any] = {"variant": variant, "v4": v4}
     try:
         out["ready_s"] = daemon.start()
+        daemon.stop()  # a restart with the same list: its parse is kept in state_dir (list_cache.py)
+        out["restart_ready_s"] = daemon.start()
         assert daemon.proc is not None
         pid = daemon.proc.pid
         time.sleep(2.0)  # settle: what the daemon keeps, not what it passed through
