@@ -75,29 +75,34 @@ def merged(keys: list[int]) -> list[int]:
     return list(map(or_, map(lshift, map(firsts.__getitem__, starts), repeat(32)), map(reach.__getitem__, ends)))
 
 
-def pack(keys: list[int]) -> bytes:
-    words = array("Q", keys)
+def _words(data: bytes) -> array[int]:
+    """Packed big-endian keys as native 64-bit words."""
+    words = array("Q")
+    words.frombytes(data)
+    if _SWAP:
+        words.byteswap()
+    return words
+
+
+def _packed(words: array[int]) -> bytes:
     if _SWAP:
         words.byteswap()
     return words.tobytes()
 
 
+def pack(keys: list[int]) -> bytes:
+    return _packed(array("Q", keys))
+
+
 def unpack(data: bytes) -> list[int]:
-    words = array("Q")
-    words.frombytes(data)
-    if _SWAP:
-        words.byteswap()
-    return words.tolist()
+    return _words(data).tolist()
 
 
 def insert(packed: bytes, keys: Iterable[int]) -> bytes:
     """`packed` (sorted and merged, as pack() writes it) with `keys` merged in, each by one bisect
     and one splice: a few intervals (the reserved ranges) join a 100k list without the list ever
     existing as 100k objects."""
-    words = array("Q")
-    words.frombytes(packed)
-    if _SWAP:
-        words.byteswap()
+    words = _words(packed)
     for key in keys:
         first, last = key >> 32, key & LOW
         lo = bisect_left(words, first << 32)
@@ -107,15 +112,9 @@ def insert(packed: bytes, keys: Iterable[int]) -> bytes:
         if hi > lo:
             first, last = min(first, words[lo] >> 32), max(last, words[hi - 1] & LOW)
         words[lo:hi] = array("Q", (first << 32 | last,))
-    if _SWAP:
-        words.byteswap()
-    return words.tobytes()
+    return _packed(words)
 
 
 def iterate(packed: bytes) -> Iterable[int]:
     """The keys of `packed` one at a time (no list of them all)."""
-    words = array("Q")
-    words.frombytes(packed)
-    if _SWAP:
-        words.byteswap()
-    return iter(words)
+    return iter(_words(packed))
