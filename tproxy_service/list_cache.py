@@ -3,8 +3,9 @@
 Parsing a 100k-line list is ~90 ms of the ~0.5 s a start takes (most of the rest is the
 interpreter and the kernel loading the sets). A boot or restart with an unchanged list reads its
 packed intervals back instead: the file is still read and hashed, and its line limit checked, so
-only the parse is skipped. Each entry carries a checksum of itself, so a torn or tampered entry is
-parsed anew (and rewritten), never trusted; entries of lists no longer named are removed."""
+only the parse is skipped. Each entry carries a checksum of itself, so a torn or damaged entry is
+parsed anew (and rewritten); entries of lists no longer named are removed. The directory is
+root's, as state.json is: whoever can write there can as well edit the config."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ child's interpreter start (~40 ms) would count against start to ready."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -24,12 +25,16 @@ from .model import AddressSet, PackedIntervals
 _HEADER = 8  # the IPv4 part's length, big-endian
 _CANCEL_POLL_S = 0.1
 _WIDTHS = (4, 16)
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 def parse_in_child(data: bytes, path: Path, max_lines: int, cancel: threading.Event | None = None) -> AddressSet:
     """cidrs.parse_list_bytes, run in a child process; the same result, the same ConfigError."""
-    argv = [sys.executable, "-I", "-m", __name__, str(path), str(max_lines)]
-    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as child:
+    # -P: not the working directory on sys.path, only this very package's location.
+    argv = [sys.executable, "-P", "-m", __name__, str(path), str(max_lines)]
+    env = {**os.environ, "PYTHONPATH": _PACKAGE_ROOT}
+    pipe = subprocess.PIPE
+    with subprocess.Popen(argv, env=env, stdin=pipe, stdout=pipe, stderr=pipe) as child:
         pending: bytes | None = data
         while True:
             try:
