@@ -11,7 +11,8 @@ link (a veth), unsupervised core:
   * Reloads of a changed list, -> one of its new entries is in the kernel's bypass set (a
     GETSETELEM lookup every 2 ms from a process in the namespace): `--reloads` updates (the
     first list with 1% of its IPv4 lines replaced, as a daily update of a real list changes it),
-    then `--reloads` whole new lists (another random list each); RSS/USS after them;
+    then `--reloads` whole new lists (another random list each); RSS right after each, and
+    RSS/USS settled after them all;
   * idle: context switches of all its threads over `--idle` seconds (largest size, first run).
 Writes the raw samples as JSON (`--json`, default bench/results/footprint.json); `bench/render.py`
 turns them into BENCHMARKS.md's tables.
@@ -180,14 +181,16 @@ def one_run(
         daemon.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: sum(" in place" in x for x in daemon.stderr_lines) > reloaded, 60, "the reload")
         out["reload_unchanged_s"] = time.perf_counter() - start
-        out["reload_updated_s"], out["reload_changed_s"] = [], []
+        out["reload_updated_s"], out["reload_changed_s"], out["rss_after_each_kb"] = [], [], []
         for i in range(1, args.reloads + 1 if v4 else 1):
             probe = write_update(lists, v4, args.v6, i)
             out["reload_updated_s"].append(timed_reload(ns, daemon, probe))
+            out["rss_after_each_kb"].append(settled_rss_kb(pid))
         for i in range(1, args.reloads + 1 if v4 else 1):
             whole = write_list(lists, v4, 0, i)
             assert whole is not None
             out["reload_changed_s"].append(timed_reload(ns, daemon, whole))
+            out["rss_after_each_kb"].append(settled_rss_kb(pid))
         time.sleep(2.0)
         out["after_reloads"] = memory_kb(pid)
         if idle > 0:
@@ -196,6 +199,12 @@ def one_run(
     finally:
         daemon.stop()
     return out
+
+
+def settled_rss_kb(pid: int) -> int:
+    """RSS once the Reload's tail (the heap trim after a replace) is over."""
+    time.sleep(0.5)
+    return memory_kb(pid)["rss"]
 
 
 def timed_reload(ns: str, daemon: Daemon, probe: str) -> float:

@@ -20,8 +20,8 @@ PATH = Path("/lists/bypass.txt")
 
 def test_the_same_sets_as_parsing_in_process() -> None:
     data = b"# list\n198.51.100.0/24\n203.0.113.7\n\n2001:db8::/32 # docs\n10.0.0.0/8\n255.255.255.0/24\n"
-    assert parse_in_child(data, PATH, 100) == parse_list_bytes(data, PATH, 100)
-    assert parse_in_child(b"", PATH, 100) == parse_list_bytes(b"", PATH, 100)
+    assert parse_in_child(data, PATH, 100, small=0) == parse_list_bytes(data, PATH, 100)
+    assert parse_in_child(b"", PATH, 100, small=0) == parse_list_bytes(b"", PATH, 100)
 
 
 @pytest.mark.parametrize(
@@ -32,7 +32,7 @@ def test_the_same_error_as_parsing_in_process(data: bytes, max_lines: int) -> No
     with pytest.raises(ConfigError) as expected:
         parse_list_bytes(data, PATH, max_lines)
     with pytest.raises(ConfigError) as got:
-        parse_in_child(data, PATH, max_lines)
+        parse_in_child(data, PATH, max_lines, small=0)
     assert str(got.value) == str(expected.value)
 
 
@@ -53,9 +53,16 @@ def test_cancel_kills_the_child() -> None:
     data = b"".join(f"{a}.{b}.{c}.0/24\n".encode() for a in range(11, 31) for b in range(250) for c in range(250))
     before = _children()  # (other tests' helpers may be our children too)
     cancel = threading.Event()
-    threading.Timer(0.3, cancel.set).start()
+    running: set[int] = set()
+
+    def sigterm() -> None:
+        running.update(_children() - before)
+        cancel.set()
+
+    threading.Timer(0.3, sigterm).start()
     started = time.monotonic()
     with pytest.raises(Cancelled):
-        parse_in_child(data, PATH, 2_000_000, cancel)
+        parse_in_child(data, PATH, 2_000_000, cancel, small=0)
     print(f"cancelled after {time.monotonic() - started:.2f} s")
+    assert running, "no child was parsing when the cancel came"
     assert _children() <= before, "the child outlived the cancel"
