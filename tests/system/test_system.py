@@ -596,6 +596,45 @@ def test_traffic_goes_through_the_sandboxed_core(tproxyd_running: Container, ups
         wait_prop(box, "State", "active")
 
 
+LIST_FILE = "/etc/tproxyd/direct.txt"
+
+
+def _list_of_24s(count: int, start: int) -> list[str]:
+    """`count` /24s from 11.1.0.0 on (not reserved, and not next to 10.0.0.0/8, which would merge
+    with it), every other one, the first at index `start`."""
+    return [f"11.{(i >> 8) + 1}.{i & 255}.0/24" for i in range(start * 2, (start + count) * 2, 2)]
+
+
+def test_a_large_changed_list_reloads_through_the_child_parser(tproxyd_running: Container) -> None:
+    """A list over 256 KiB is parsed by a child process of tproxyd at a Reload: under the shipped
+    sandbox (its system call filter, capability set, ProtectProc) the Reload applies it, a 1%
+    update is applied as element changes, and the parsed list is kept in state_dir/lists."""
+    box = tproxyd_running
+    listed = _list_of_24s(20_000, 0)
+    box.run("sh", "-c", f"cat > {LIST_FILE}", input="\n".join(listed) + "\n")
+    assert int(box.run("stat", "-c", "%s", LIST_FILE).stdout) > 256 << 10  # the child's size
+    box.run("sed", "-i", f's|^# files = \\["{LIST_FILE}"\\].*|files = ["{LIST_FILE}"]|', "/etc/tproxyd/config.toml")
+    assert f'files = ["{LIST_FILE}"]' in box.run("cat", "/etc/tproxyd/config.toml").stdout
+    cursor = journal_cursor(box)
+    try:
+        box.run("tproxyctl", "reload")
+        elements = nft_set(box, "bypass4")
+        assert listed[0] in elements and listed[-1] in elements
+        updated = listed[200:] + _list_of_24s(200, 30_000)  # 1% replaced
+        box.run("sh", "-c", f"cat > {LIST_FILE}", input="\n".join(updated) + "\n")
+        box.run("tproxyctl", "reload")
+        elements = nft_set(box, "bypass4")
+        assert updated[-1] in elements and listed[0] not in elements
+        assert len(box.run("ls", "/var/lib/tproxyd/lists").stdout.split()) == 1
+        text = journal(box, "tproxyd.service", cursor)
+        assert "Traceback" not in text and "parsing CIDR list file" not in text, text
+    finally:
+        box.run("cp", f"{SRC}/etc/config.toml", "/etc/tproxyd/config.toml")
+        box.run("tproxyctl", "reload")
+        box.run("rm", "-f", LIST_FILE)
+    assert box.run("ls", "/var/lib/tproxyd/lists").stdout.split() == []  # no list named: none kept
+
+
 def test_journal_is_readable(tproxyd_running: Container) -> None:
     """`journalctl -u tproxyd` shows the daemon's own log lines (stderr -> journald)."""
     text = journal(tproxyd_running, "tproxyd.service")
