@@ -258,7 +258,7 @@ def measure_reloads(
         asyncio.run(_reload_call(stack.bus.address))
     count = round(UPDATE_FRACTION * sum(1 for line in original if line and not line.startswith("#")))
     updated, added = replace_v4_lines(original, count, SEED + 1000 + run_no)
-    result = {"update": reload_under_getall(stack, daemon, bypass, updated, added[0], interval_ms)}
+    result: dict[str, Any] = {"update": reload_under_getall(stack, daemon, bypass, updated, added[0], interval_ms)}
     fresh = bypass_lines(BYPASS_V4, BYPASS_V6, seed=SEED + 2000 + run_no)
     probe = next(line for line in fresh if _is_new_v4(line, updated))  # not loaded before
     result["new"] = reload_under_getall(stack, daemon, bypass, fresh, probe, interval_ms)

@@ -90,7 +90,7 @@ def async_test(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None
     return in_a_new_loop
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10) -> int:
     """SIGTERM, then SIGKILL if it does not exit in time. Only ever used on our own children."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)

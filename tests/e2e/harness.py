@@ -493,7 +493,7 @@ table inet tpe_probe {
 
     def client_packets(self) -> int:
         out = in_ns(self.ns, "nft", "-j", "list", "counter", "inet", "tpe_probe", "client_pkts").stdout
-        return next(o["counter"]["packets"] for o in json.loads(out)["nftables"] if "counter" in o)
+        return int(next(o["counter"]["packets"] for o in json.loads(out)["nftables"] if "counter" in o))
 
     def saw(self, flow: Flow) -> bool:
         """Did any packet of the flow's original socket reach the router?"""
