@@ -29,7 +29,7 @@ def _bounds(text: str) -> tuple[int, int, int]:
     family = 6 if ":" in addr else 4
     try:
         packed = socket.inet_pton(_AF[family], addr)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: an embedded NUL
         raise ValueError(f"{text.strip()!r} is not an IPv{family} address or CIDR") from None
     bits = BITS[family]
     if slash:

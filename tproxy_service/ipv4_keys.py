@@ -41,7 +41,7 @@ def parse(tokens: Sequence[str]) -> list[int] | None:
         return None
     try:
         words = array("I", b"".join(map(_pton4, addrs)))
-    except OSError:
+    except (OSError, ValueError):  # ValueError: an embedded NUL
         return None
     if _SWAP:
         words.byteswap()

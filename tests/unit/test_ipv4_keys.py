@@ -61,6 +61,8 @@ def _parsed(line: str) -> tuple[int, object] | None:
         "198.51.100.0/٢٤",
         "2001:db8::/129",
         "1.2.3.4/2:3",
+        "1.2.3.4\x00/24",
+        "2001:db8::\x00/32",
     ],
 )
 def test_a_bad_line_is_named_as_the_line_by_line_parse_names_it(bad: str) -> None:
