@@ -18,10 +18,12 @@ from pathlib import Path
 
 from .bounded_read import read_bytes
 from .errors import ConfigError
-from .model import AddressSet, PackedIntervals
+from .model import AddressSet
 
 log = logging.getLogger(__name__)
 
+# Entries are keyed by the list's content alone: bump the version whenever the same content would
+# parse to something else (a change of what a line means, of the packed format).
 _MAGIC = b"tproxyd-list-1\n\0"
 _SUM = 32  # SHA-256 of everything before it
 _MAX_ENTRY_BYTES = 256 << 20  # an entry is smaller than its list (8 B per IPv4 line at most)
@@ -48,21 +50,18 @@ class ListCache:
         except ConfigError:  # absent, or not a regular file: parse instead
             return None
         body, checksum = data[:-_SUM], data[-_SUM:]
-        head = len(_MAGIC) + 8
-        if len(data) < head + _SUM or not body.startswith(_MAGIC) or hashlib.sha256(body).digest() != checksum:
+        if len(data) < _SUM or not body.startswith(_MAGIC) or hashlib.sha256(body).digest() != checksum:
             log.warning("list cache entry %s is not intact; parsing the list again", path)
             return None
-        split = head + int.from_bytes(body[len(_MAGIC) : head], "big")
-        v4, v6 = body[head:split], body[split:]
-        if split > len(body) or len(v4) % 8 or len(v6) % 32:
+        try:
+            return AddressSet.from_bytes(body[len(_MAGIC) :])
+        except ValueError:
             log.warning("list cache entry %s is malformed; parsing the list again", path)
             return None
-        return AddressSet(PackedIntervals(4, v4), PackedIntervals(16, v6))
 
     def put(self, digest: bytes, addresses: AddressSet) -> None:
         """Keep `addresses` for the content hashing to `digest`; a failure only costs a parse."""
-        v4, v6 = PackedIntervals.pack(4, addresses.v4).data, PackedIntervals.pack(16, addresses.v6).data
-        body = _MAGIC + len(v4).to_bytes(8, "big") + v4 + v6
+        body = _MAGIC + addresses.to_bytes()
         path = self._entry(digest)
         tmp: str | None = None
         try:

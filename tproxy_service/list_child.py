@@ -20,11 +20,9 @@ from pathlib import Path
 from .bounded_read import Cancelled
 from .cidrs import parse_list_bytes
 from .errors import ConfigError
-from .model import AddressSet, PackedIntervals
+from .model import AddressSet
 
-_HEADER = 8  # the IPv4 part's length, big-endian
 _CANCEL_POLL_S = 0.1
-_WIDTHS = (4, 16)
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 # ~15k lines: below, the child's start (~40 ms) costs more than the parse, whose garbage is small.
 SMALL_LIST_BYTES = 256 << 10
@@ -53,17 +51,17 @@ def parse_in_child(
                     child.kill()
                     child.communicate()
                     raise Cancelled from None
+    if cancel is not None and cancel.is_set():  # `systemctl stop` signals the child too
+        raise Cancelled
     if child.returncode == 2:
         raise ConfigError(err.decode(errors="replace").strip())
-    if child.returncode != 0 or len(out) < _HEADER:
-        why = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {child.returncode}"]
-        raise ConfigError(f"parsing CIDR list file {path} failed: {why[0]}")
-    split = _HEADER + int.from_bytes(out[:_HEADER], "big")
-    parts = out[_HEADER:split], out[split:]
-    if any(len(part) % (2 * width) for part, width in zip(parts, _WIDTHS, strict=True)):
-        raise ConfigError(f"parsing CIDR list file {path} failed: a malformed result")
-    v4, v6 = (PackedIntervals(width, part) for part, width in zip(parts, _WIDTHS, strict=True))
-    return AddressSet(v4, v6)
+    why = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {child.returncode}"]
+    try:
+        if child.returncode == 0:
+            return AddressSet.from_bytes(out)
+    except ValueError:
+        why = ["a malformed result"]
+    raise ConfigError(f"parsing CIDR list file {path} failed: {why[0]}")
 
 
 def main(argv: list[str]) -> int:
@@ -73,8 +71,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    v4, v6 = PackedIntervals.pack(4, addresses.v4), PackedIntervals.pack(16, addresses.v6)
-    sys.stdout.buffer.write(len(v4.data).to_bytes(_HEADER, "big") + v4.data + v6.data)
+    sys.stdout.buffer.write(addresses.to_bytes())
     return 0
 
 

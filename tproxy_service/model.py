@@ -190,6 +190,24 @@ class AddressSet:
         object.__setattr__(self, "v4", PackedIntervals.pack(4, self.v4))
         object.__setattr__(self, "v6", PackedIntervals.pack(16, self.v6))
 
+    def to_bytes(self) -> bytes:
+        """The IPv4 part's length (8 bytes, big-endian), the IPv4 part, the IPv6 part: how a parse
+        travels from the child (list_child.py) and lies in the cache (list_cache.py)."""
+        v4, v6 = PackedIntervals.pack(4, self.v4).data, PackedIntervals.pack(16, self.v6).data
+        return len(v4).to_bytes(_LENGTH, "big") + v4 + v6
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> AddressSet:
+        """The inverse of to_bytes; ValueError when `data` is not that."""
+        split = _LENGTH + int.from_bytes(data[:_LENGTH], "big")
+        v4, v6 = data[_LENGTH:split], data[split:]
+        if len(data) < _LENGTH or split > len(data) or len(v4) % 8 or len(v6) % 32:
+            raise ValueError("not a packed address set")
+        return cls(PackedIntervals(4, v4), PackedIntervals(16, v6))
+
+
+_LENGTH = 8
+
 
 # Below 1024: while the core is down, no local user can bind it in the core's place (the core
 # unit has CAP_NET_BIND_SERVICE). Unassigned by IANA.

@@ -4,6 +4,8 @@ and a SIGTERM (the cancel flag) ends the child at once."""
 from __future__ import annotations
 
 import os
+import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -66,3 +68,37 @@ def test_cancel_kills_the_child() -> None:
     print(f"cancelled after {time.monotonic() - started:.2f} s")
     assert running, "no child was parsing when the cancel came"
     assert _children() <= before, "the child outlived the cancel"
+
+
+@pytest.mark.parametrize(
+    ("script", "message"),
+    [
+        ("echo boom >&2; exit 1", "parsing CIDR list file /lists/bypass.txt failed: boom"),
+        ("kill -KILL $$", "parsing CIDR list file /lists/bypass.txt failed: exit status -9"),
+        ("printf '\\000\\000\\000\\000\\000\\000\\000\\011abc'", "failed: a malformed result"),
+        ("printf 'xy'", "failed: a malformed result"),
+    ],
+)
+def test_a_child_that_fails_is_a_config_error(
+    script: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crashed or killed child, or one that writes something else, is a ConfigError saying so."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\ncat > /dev/null\n{script}\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_in_child(b"198.51.100.0/24\n", PATH, 100, small=0)
+
+
+def test_a_child_killed_by_the_stop_is_cancelled_not_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`systemctl stop` signals tproxyd's whole cgroup: a child that died of it before the cancel
+    poll saw the flag is the stop, not a config error."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\ncat > /dev/null\nkill -TERM $$\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        parse_in_child(b"198.51.100.0/24\n", PATH, 100, cancel, small=0)
