@@ -246,10 +246,10 @@ def load_cidr_file_cached(
         return known.addresses
     data = read_bytes(path, max_bytes, "CIDR list file", "[bypass] max_file_bytes")
     digest = hashlib.sha256(data).digest()
+    if cache is not None:
+        cache.keep(digest)
     if known is not None and known.digest == digest and known.stat[-2:] == stat[-2:]:
         addresses = known.addresses
-        if cache is not None:
-            cache.keep(digest)
     else:  # parse the bytes just hashed (the file is read once), unless parsed before a restart
         kept = cache.get(digest) if cache is not None else None
         if kept is not None:

@@ -319,15 +319,13 @@ def parse_config(
         lists = [load_cidr_file_cached(f, max_bytes, max_lines, cancel, parse_list, cache) for f in files]
     except ConfigError as e:  # a missing, bad or oversized list: which key of which config brought it in
         raise src.error("bypass", "files", str(e)) from None
-    if cache is not None:
-        cache.prune()
     user_bypass: AddressSet = union(user_cidrs, *lists)
     core_given = _given(core_t, "supervise", "unit", "systemd_bus", "sniffing")
     if "config" in core_t:
         core_given["config"] = _path(base, core_t["config"], src, "core.config")
     if "binary" in core_t:
         core_given["binary"] = Path(core_t["binary"])
-    return Config(
+    config = Config(
         **given,
         tproxy=tproxy,
         bypass=BypassSettings(
@@ -342,6 +340,9 @@ def parse_config(
         networkmanager=networkmanager,
         user_bypass=user_bypass,
     )
+    if cache is not None:  # the config is whole: entries of lists it no longer names can go
+        cache.prune()
+    return config
 
 
 def _given(table: dict[str, Any], *keys: str) -> dict[str, Any]:

@@ -39,7 +39,6 @@ class ListCache:
         self.used.add(digest.hex())
 
     def _entry(self, digest: bytes) -> Path:
-        self.keep(digest)
         return self.directory / f"{digest.hex()}.bin"
 
     def get(self, digest: bytes) -> AddressSet | None:

@@ -21,6 +21,7 @@ from .nft_batch import Msg, encode_interval_set, translate
 from .nft_netlink import SetElementWriter, TableQuery, encode_change
 
 log = logging.getLogger(__name__)
+_MANY = 256  # elements in one update past which its garbage is worth giving back (heap.release)
 
 
 class EventWatch(Protocol):
@@ -116,7 +117,12 @@ class NftablesAdapter:
         return await self.table_exists(rules.TABLE)
 
     async def update_elements(self, changes: list[rules.SetChange]) -> None:
-        await self._call(self._elements.apply, changes)
+        await self._call(self._update, changes)
+
+    def _update(self, changes: list[rules.SetChange]) -> None:
+        self._elements.apply(changes)
+        if sum(len(c.add) + len(c.remove) for c in changes) > _MANY:  # a changed bypass list
+            heap.release()
 
     async def delete(self) -> None:
         messages = translate(rules.build_delete()["nftables"], rules.FAMILY, rules.TABLE, {})
