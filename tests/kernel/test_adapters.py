@@ -8,6 +8,7 @@ import dataclasses
 import json
 import re
 import socket
+from collections.abc import Sequence
 
 import pytest
 
@@ -18,7 +19,7 @@ from tproxy_service.kernel.facts import FactsReader
 from tproxy_service.kernel.nft import NftablesAdapter
 from tproxy_service.kernel.nft_netlink import SetElementWriter, table_exists
 from tproxy_service.kernel.routing import RoutingAdapter
-from tproxy_service.model import AddressSet, RouteSpec, RuleSpec, TproxySettings
+from tproxy_service.model import AddressSet, Interval, RouteSpec, RuleSpec, TproxySettings
 from tproxy_service.monitors.nft_events import NftDriftWatch
 from tproxy_service.rules.nft import IfnameChange, IntervalChange, build_replace, element_changes, link_elements
 from tproxy_service.rules.routing import build_routing
@@ -135,6 +136,48 @@ def test_a_changed_bypass_list_is_applied_as_element_changes_equal_to_a_replace(
         adapter.close()
 
     run_in_netns(body)
+
+
+@pytest.mark.parametrize(
+    ("old_cidrs", "new_cidrs"),
+    [
+        # reserved = false: the set no longer starts at 0.0.0.0 (a replace writes an interval end
+        # at 0 then), and the last interval grows to reach the top of the address space
+        (["0.0.0.0/24", "198.51.100.0/24", "255.255.255.0/24", "::/120"], ["1.0.0.0/24", "255.255.254.0/23"]),
+        # the other way: the first interval now starts at 0, the last one no longer reaches the top
+        (["1.0.0.0/24", "255.255.254.0/23", "2001:db8::/48"], ["0.0.0.0/23", "255.255.254.0/24", "::/120"]),
+    ],
+)
+def test_bypass_changes_at_the_ends_of_the_address_space_equal_a_replace(
+    old_cidrs: list[str], new_cidrs: list[str]
+) -> None:
+    unchanged = [f"9.9.{i}.0/24" for i in range(0, 100, 2)] + ["2001:db8:77::/48"]  # not a wholesale change
+    old = dataclasses.replace(SCENARIOS["default"], bypass=parse_cidrs(old_cidrs + unchanged, "t"))
+    new = dataclasses.replace(SCENARIOS["default"], bypass=parse_cidrs(new_cidrs + unchanged, "t"))
+
+    def listing() -> str:
+        return sh("nft list set inet tproxyd bypass4") + sh("nft list set inet tproxyd bypass6")
+
+    def body() -> None:
+        adapter = NftablesAdapter()
+        asyncio.run(adapter.replace(old))
+        changes = element_changes(old, new)
+        assert changes is not None
+        SetElementWriter("tproxyd").apply(changes)
+        diffed = listing()
+        for address in ("0.0.0.0", "0.0.1.1", "1.0.0.1", "255.255.255.255", "255.255.254.1", "198.51.100.1"):
+            expected = _in(new.bypass.v4, address)
+            assert _contains("bypass4", address) == expected, address
+        asyncio.run(adapter.replace(new))
+        assert diffed == listing()
+        adapter.close()
+
+    run_in_netns(body)
+
+
+def _in(intervals: Sequence[Interval], address: str) -> bool:
+    value = int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big")
+    return any(iv.first <= value <= iv.last for iv in intervals)
 
 
 def test_element_update_errors_are_atomic_and_reported() -> None:

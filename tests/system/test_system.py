@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from tests import support
+from tproxy_service.list_child import SMALL_LIST_BYTES
 
 from .conftest import REPO, REPORT
 from .container import SERVICE, SRC, BusError, Container, wait_for
@@ -599,6 +600,11 @@ def test_traffic_goes_through_the_sandboxed_core(tproxyd_running: Container, ups
 LIST_FILE = "/etc/tproxyd/direct.txt"
 
 
+def table_handles(box: Container) -> list[str]:
+    """The handles of the table's sets, chains and rules: a rebuild gives them new numbers."""
+    return re.findall(r"# handle (\d+)", box.run("nft", "-a", "list", "table", "inet", "tproxyd").stdout)
+
+
 def _list_of_24s(count: int, start: int) -> list[str]:
     """`count` /24s from 11.1.0.0 on (not reserved, and not next to 10.0.0.0/8, which would merge
     with it), every other one, the first at index `start`."""
@@ -612,7 +618,7 @@ def test_a_large_changed_list_reloads_through_the_child_parser(tproxyd_running: 
     box = tproxyd_running
     listed = _list_of_24s(20_000, 0)
     box.run("sh", "-c", f"cat > {LIST_FILE}", input="\n".join(listed) + "\n")
-    assert int(box.run("stat", "-c", "%s", LIST_FILE).stdout) > 256 << 10  # the child's size
+    assert int(box.run("stat", "-c", "%s", LIST_FILE).stdout) > SMALL_LIST_BYTES  # parsed by the child
     box.run("sed", "-i", f's|^# files = \\["{LIST_FILE}"\\].*|files = ["{LIST_FILE}"]|', "/etc/tproxyd/config.toml")
     assert f'files = ["{LIST_FILE}"]' in box.run("cat", "/etc/tproxyd/config.toml").stdout
     cursor = journal_cursor(box)
@@ -620,11 +626,14 @@ def test_a_large_changed_list_reloads_through_the_child_parser(tproxyd_running: 
         box.run("tproxyctl", "reload")
         elements = nft_set(box, "bypass4")
         assert listed[0] in elements and listed[-1] in elements
+        handles = table_handles(box)
         updated = listed[200:] + _list_of_24s(200, 30_000)  # 1% replaced
         box.run("sh", "-c", f"cat > {LIST_FILE}", input="\n".join(updated) + "\n")
+        assert int(box.run("stat", "-c", "%s", LIST_FILE).stdout) > SMALL_LIST_BYTES
         box.run("tproxyctl", "reload")
         elements = nft_set(box, "bypass4")
         assert updated[-1] in elements and listed[0] not in elements
+        assert table_handles(box) == handles, "the table was rebuilt for a 1% change of the list"
         assert len(box.run("ls", "/var/lib/tproxyd/lists").stdout.split()) == 1
         text = journal(box, "tproxyd.service", cursor)
         assert "Traceback" not in text and "parsing CIDR list file" not in text, text

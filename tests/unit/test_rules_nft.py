@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tproxy_service.cidrs import parse_cidrs
-from tproxy_service.model import AddressSet, Interval
+from tproxy_service.model import AddressSet, Interval, NftState
 from tproxy_service.rules import nft as rules
 
 from .scenarios import SCENARIOS
@@ -215,3 +215,31 @@ def test_bypassed_connections_set_and_test_only_their_ct_mark_bit() -> None:
         fast = {"match": {"op": "==", "left": {"&": [ct_mark, bit]}, "right": bit}}
         assert chains["prerouting"][0] == [fast, {"accept": None}]
         assert [fast, {"return": None}] in chains["output"]
+
+
+def _with_bypass(cidrs: list[str]) -> NftState:
+    return dataclasses.replace(SCENARIOS["default"], bypass=parse_cidrs(cidrs, "t"))
+
+
+def test_a_changed_bypass_list_is_element_changes_of_the_bypass_sets() -> None:
+    unchanged = [f"8.8.{i}.0/24" for i in range(0, 20, 2)]
+    old = _with_bypass(["9.9.0.0/24", "9.9.2.0/24", "9.9.4.0/24", "2001:db8:a::/48", *unchanged])
+    new = _with_bypass(["9.9.0.0/24", "9.9.2.0/23", "9.9.6.0/24", "2001:db8:b::/48", *unchanged])
+    changes = rules.element_changes(old, new)
+    assert changes is not None
+    by_set = {c.set_name: c for c in changes}
+    assert set(by_set) == {"bypass4", "bypass6"}
+    v4 = by_set["bypass4"]
+    assert isinstance(v4, rules.IntervalChange)
+    assert v4.add == (Interval(0x09090200, 0x090903FF), Interval(0x09090600, 0x090906FF))
+    assert v4.remove == (Interval(0x09090200, 0x090902FF), Interval(0x09090400, 0x090904FF))
+
+
+def test_more_changed_intervals_than_the_new_list_holds_is_a_replace() -> None:
+    """The limit is the new sets' size, counted over both families: at it, element changes;
+    one past it, a replace (None)."""
+    new = _with_bypass(["9.9.0.0/24", "9.9.2.0/24", "9.9.4.0/24", "9.9.6.0/24", "2001:db8:a::/48"])  # 5
+    at_limit = _with_bypass(["9.9.0.0/24", "9.9.2.0/24", "9.9.8.0/24", "9.9.10.0/24"])  # 2 + 2 + 1 v6
+    assert rules.element_changes(at_limit, new) is not None
+    past = _with_bypass(["9.9.0.0/24", "9.9.2.0/24", "9.9.8.0/24", "9.9.10.0/24", "9.9.12.0/24"])  # 6
+    assert rules.element_changes(past, new) is None
