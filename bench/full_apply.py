@@ -78,8 +78,8 @@ def timed_ms(func: Callable[[], Any]) -> float:
 def worker(params: dict[str, Any]) -> dict[str, Any]:
     import nftables
 
-    from tproxy_service.cidrs import load_cidr_file
     from tproxy_service.kernel.nft import NftablesAdapter
+    from tproxy_service.list_files import load_cidr_file
     from tproxy_service.rules.nft import build_replace
 
     repeat = int(params["repeat"])

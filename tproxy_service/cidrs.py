@@ -1,23 +1,16 @@
-"""CIDR parsing and interval arithmetic (fast enough for 100k-line lists), and the list files."""
+"""CIDR parsing and interval arithmetic (fast enough for 100k-line lists); pure (list files: list_files.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import operator
 import socket
-import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
 from itertools import repeat
 from operator import itemgetter
-from pathlib import Path
-from typing import Protocol
 
 from . import ipv4_keys
-from .bounded_read import check_line_count, decode, lines_within, read_bytes, read_lines
 from .errors import ConfigError
-from .list_cache import ListCache
-from .model import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_FILE_LINES, AddressSet, Interval, PackedIntervals
+from .model import AddressSet, Interval, PackedIntervals
 
 BITS = {4: 32, 6: 128}
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
@@ -179,91 +172,6 @@ def _parse_line_by_line(lines: list[str], source: str) -> AddressSet:
             raise ConfigError(f"{source}:{lineno}: {e}") from None
         found[family].append((first, last))
     return AddressSet(_packed(4, found[4]), _packed(6, found[6]))
-
-
-def load_cidr_file(
-    path: Path,
-    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
-    max_lines: int = DEFAULT_MAX_FILE_LINES,
-    cancel: threading.Event | None = None,
-) -> AddressSet:
-    """A CIDR list file within the [bypass] limits; raises ConfigError, or Cancelled once
-    `cancel` is set."""
-    lines = read_lines(path, max_bytes, max_lines, "CIDR list file", "[bypass]", cancel)
-    return parse_cidr_lines(lines, str(path))
-
-
-def parse_list_bytes(data: bytes, path: Path, max_lines: int, cancel: threading.Event | None = None) -> AddressSet:
-    """A CIDR list file's content (read within its byte limit), within `max_lines`."""
-    text = decode(data, path, "CIDR list file")
-    return parse_cidr_lines(lines_within(text, path, max_lines, "CIDR list file", "[bypass]", cancel), str(path))
-
-
-class ListParser(Protocol):
-    def __call__(
-        self, data: bytes, path: Path, max_lines: int, cancel: threading.Event | None = None
-    ) -> AddressSet: ...
-
-
-@dataclass(frozen=True)
-class _Loaded:
-    stat: tuple[int, ...]
-    digest: bytes
-    addresses: AddressSet
-
-
-_loaded: dict[Path, _Loaded] = {}
-_LOADED_MAX = 16
-
-
-def _stat_key(path: Path) -> tuple[int, ...]:
-    st = path.stat()
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def load_cidr_file_cached(
-    path: Path,
-    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
-    max_lines: int = DEFAULT_MAX_FILE_LINES,
-    cancel: threading.Event | None = None,
-    parse: ListParser | None = None,
-    cache: ListCache | None = None,
-) -> AddressSet:
-    """`load_cidr_file`, skipped when the file did not change since the last load under the same
-    limits: the same inode, size and times, or else the same content hash (read within the same
-    bounds). Returns the same AddressSet object then, so nothing downstream is rebuilt either.
-    `parse` parses a changed file's bytes (default: parse_list_bytes, in this process); `cache`
-    keeps what it parsed across restarts (list_cache.py)."""
-    parse = parse or parse_list_bytes
-    try:
-        stat = (*_stat_key(path), max_bytes, max_lines)
-    except OSError:
-        return load_cidr_file(path, max_bytes, max_lines, cancel)  # says why, as an uncached load would
-    known = _loaded.get(path)
-    if known is not None and known.stat == stat:
-        if cache is not None:
-            cache.keep(known.digest)
-        return known.addresses
-    data = read_bytes(path, max_bytes, "CIDR list file", "[bypass] max_file_bytes")
-    digest = hashlib.sha256(data).digest()
-    if cache is not None:
-        cache.keep(digest)
-    if known is not None and known.digest == digest and known.stat[-2:] == stat[-2:]:
-        addresses = known.addresses
-    else:  # parse the bytes just hashed (the file is read once), unless parsed before a restart
-        kept = cache.get(digest) if cache is not None else None
-        if kept is not None:
-            check_line_count(data, path, max_lines, "CIDR list file", "[bypass]")
-            addresses = kept
-        else:
-            addresses = parse(data, path, max_lines, cancel)
-            if cache is not None:
-                cache.put(digest, addresses)
-    _loaded.pop(path, None)
-    while len(_loaded) >= _LOADED_MAX:
-        _loaded.pop(next(iter(_loaded)))
-    _loaded[path] = _Loaded(stat, digest, addresses)
-    return addresses
 
 
 _BLOCK = 64  # records compared at once while the two lists agree

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from .bounded_read import read_text
-from .cidrs import ListParser, load_cidr_file_cached, parse_cidrs, union
+from .cidrs import parse_cidrs, union
 from .errors import ConfigError, InvalidArgument
 from .ifname import parse_link
 from .list_cache import ListCache
+from .list_files import ListParser, load_cidr_file_cached
 from .model import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_FILE_LINES,

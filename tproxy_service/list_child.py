@@ -18,8 +18,8 @@ import threading
 from pathlib import Path
 
 from .bounded_read import Cancelled
-from .cidrs import parse_list_bytes
 from .errors import ConfigError
+from .list_files import parse_list_bytes
 from .model import AddressSet
 
 _CANCEL_POLL_S = 0.1
@@ -31,7 +31,7 @@ SMALL_LIST_BYTES = 256 << 10
 def parse_in_child(
     data: bytes, path: Path, max_lines: int, cancel: threading.Event | None = None, small: int = SMALL_LIST_BYTES
 ) -> AddressSet:
-    """cidrs.parse_list_bytes, run in a child process; the same result, the same ConfigError.
+    """list_files.parse_list_bytes, run in a child process; the same result, the same ConfigError.
     A list under `small` bytes is parsed in this process."""
     if len(data) < small:
         return parse_list_bytes(data, path, max_lines, cancel)

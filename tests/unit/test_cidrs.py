@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tproxy_service import cidrs
+from tproxy_service import cidrs, list_files
 from tproxy_service.bounded_read import Cancelled
-from tproxy_service.cidrs import load_cidr_file, merge, parse_cidr, parse_cidr_lines
+from tproxy_service.cidrs import merge, parse_cidr, parse_cidr_lines
 from tproxy_service.errors import ConfigError
+from tproxy_service.list_files import load_cidr_file
 from tproxy_service.model import DEFAULT_MAX_FILE_BYTES, AddressSet, Interval, PackedIntervals
 
 
@@ -129,21 +130,23 @@ def test_union_reuses_results_for_the_same_inputs() -> None:
 def test_an_unchanged_list_file_is_not_parsed_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "list.txt"
     path.write_text("10.0.0.0/8\n")
-    first = cidrs.load_cidr_file_cached(path)
+    first = list_files.load_cidr_file_cached(path)
     parses: list[str] = []
-    real = cidrs.parse_cidr_lines
-    monkeypatch.setattr(cidrs, "parse_cidr_lines", lambda lines, source: parses.append(source) or real(lines, source))
-    assert cidrs.load_cidr_file_cached(path) is first and parses == []  # same inode, size, times
+    real = list_files.parse_cidr_lines
+    monkeypatch.setattr(
+        list_files, "parse_cidr_lines", lambda lines, source: parses.append(source) or real(lines, source)
+    )
+    assert list_files.load_cidr_file_cached(path) is first and parses == []  # same inode, size, times
     os.utime(path, ns=(1, 1))
-    assert cidrs.load_cidr_file_cached(path) is first and parses == []  # touched, same content
+    assert list_files.load_cidr_file_cached(path) is first and parses == []  # touched, same content
     path.write_text("11.0.0.0/8\n")
-    changed = cidrs.load_cidr_file_cached(path)
+    changed = list_files.load_cidr_file_cached(path)
     assert parses == [str(path)] and list(changed.v4) == [Interval(0x0B000000, 0x0BFFFFFF)]
     with pytest.raises(ConfigError, match="larger than 4 bytes"):  # the cache never skips the limits
-        cidrs.load_cidr_file_cached(path, max_bytes=4)
+        list_files.load_cidr_file_cached(path, max_bytes=4)
     path.unlink()
     with pytest.raises(ConfigError, match="cannot read CIDR list file"):
-        cidrs.load_cidr_file_cached(path)
+        list_files.load_cidr_file_cached(path)
 
 
 @pytest.mark.parametrize("seed", range(30))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tproxy_service import cidrs
+from tproxy_service import list_files
 from tproxy_service.config import load_config
 from tproxy_service.errors import ConfigError
 from tproxy_service.list_cache import ListCache
@@ -21,9 +21,9 @@ LIST = "# list\n198.51.100.0/24\n203.0.113.7\n2001:db8::/32\n"
 @pytest.fixture(autouse=True)
 def new_process() -> Iterator[None]:
     """Each test starts as a freshly started tproxyd would: nothing parsed in memory."""
-    cidrs._loaded.clear()
+    list_files._loaded.clear()
     yield
-    cidrs._loaded.clear()
+    list_files._loaded.clear()
 
 
 class CountingParser:
@@ -32,11 +32,11 @@ class CountingParser:
 
     def __call__(self, data: bytes, path: Path, max_lines: int, cancel: threading.Event | None = None) -> AddressSet:
         self.calls += 1
-        return cidrs.parse_list_bytes(data, path, max_lines, cancel)
+        return list_files.parse_list_bytes(data, path, max_lines, cancel)
 
 
 def _load(path: Path, cache_dir: Path, parse: CountingParser, max_lines: int = 100) -> AddressSet:
-    return cidrs.load_cidr_file_cached(path, 1 << 20, max_lines, None, parse, ListCache(cache_dir))
+    return list_files.load_cidr_file_cached(path, 1 << 20, max_lines, None, parse, ListCache(cache_dir))
 
 
 def test_a_restart_with_an_unchanged_list_skips_the_parse(tmp_path: Path) -> None:
@@ -44,11 +44,11 @@ def test_a_restart_with_an_unchanged_list_skips_the_parse(tmp_path: Path) -> Non
     listed.write_text(LIST)
     parse = CountingParser()
     first = _load(listed, tmp_path / "cache", parse)
-    cidrs._loaded.clear()  # a restart
+    list_files._loaded.clear()  # a restart
     again = _load(listed, tmp_path / "cache", parse)
     assert parse.calls == 1 and again == first and len(first.v4) == 2 and len(first.v6) == 1
     listed.write_text(LIST + "192.0.2.0/24\n")  # changed: parsed, never served from the cache
-    cidrs._loaded.clear()
+    list_files._loaded.clear()
     changed = _load(listed, tmp_path / "cache", parse)
     assert parse.calls == 2 and len(changed.v4) == 3
 
@@ -64,10 +64,10 @@ def test_a_damaged_entry_is_parsed_again_and_rewritten(tmp_path: Path, damage: s
     entry.write_bytes(
         {"flip": data[:30] + bytes([data[30] ^ 1]) + data[31:], "truncate": data[:-5], "empty": b""}[damage]
     )
-    cidrs._loaded.clear()
+    list_files._loaded.clear()
     assert _load(listed, tmp_path / "cache", parse) == first and parse.calls == 2
     assert entry.read_bytes() == data  # rewritten intact
-    cidrs._loaded.clear()
+    list_files._loaded.clear()
     assert _load(listed, tmp_path / "cache", parse) == first and parse.calls == 2
 
 
@@ -76,7 +76,7 @@ def test_the_line_limit_holds_for_a_list_served_from_the_cache(tmp_path: Path) -
     listed.write_text(LIST)
     parse = CountingParser()
     _load(listed, tmp_path / "cache", parse)
-    cidrs._loaded.clear()
+    list_files._loaded.clear()
     with pytest.raises(ConfigError, match=r"has more than 3 lines \(\[bypass\] max_file_lines\)"):
         _load(listed, tmp_path / "cache", parse, max_lines=3)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tproxy_service.bounded_read import Cancelled
-from tproxy_service.cidrs import parse_list_bytes
 from tproxy_service.errors import ConfigError
 from tproxy_service.list_child import parse_in_child
+from tproxy_service.list_files import parse_list_bytes
 
 PATH = Path("/lists/bypass.txt")
 
