@@ -19,7 +19,7 @@ from tproxy_service.kernel.facts import FactsReader
 from tproxy_service.kernel.nft import NftablesAdapter
 from tproxy_service.kernel.nft_netlink import SetElementWriter, table_exists
 from tproxy_service.kernel.routing import RoutingAdapter
-from tproxy_service.model import AddressSet, Interval, RouteSpec, RuleSpec, TproxySettings
+from tproxy_service.model import AddressSet, Interval, NftState, RouteSpec, RuleSpec, TproxySettings
 from tproxy_service.monitors.nft_events import NftDriftWatch
 from tproxy_service.rules.nft import IfnameChange, IntervalChange, build_replace, element_changes, link_elements
 from tproxy_service.rules.routing import build_routing
@@ -104,6 +104,39 @@ def test_netlink_element_updates_interoperate_with_libnftables() -> None:
     run_in_netns(body)
 
 
+def _in(intervals: Sequence[Interval], address: str) -> bool:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    value = int.from_bytes(socket.inet_pton(family, address), "big")
+    return any(iv.first <= value <= iv.last for iv in intervals)
+
+
+def _diff_equals_a_replace(old: NftState, new: NftState, probes: list[str]) -> None:
+    """In a test namespace: `old` loaded, the element changes to `new` applied; then every probe
+    address is in the bypass sets exactly when `new` has it, and `nft` lists the sets as after a
+    full replace with `new`."""
+
+    def listing() -> str:
+        return sh("nft list set inet tproxyd bypass4") + sh("nft list set inet tproxyd bypass6")
+
+    def body() -> None:
+        adapter = NftablesAdapter()
+        asyncio.run(adapter.replace(old))
+        changes = element_changes(old, new)
+        assert changes is not None, "a small change of the bypass list must not need a full replace"
+        assert {c.set_name for c in changes} <= {"bypass4", "bypass6"}
+        SetElementWriter("tproxyd").apply(changes)
+        diffed = listing()
+        for address in probes:
+            in_set = "bypass6" if ":" in address else "bypass4"
+            expected = _in(new.bypass.v6 if ":" in address else new.bypass.v4, address)
+            assert _contains(in_set, address) == expected, address
+        asyncio.run(adapter.replace(new))
+        assert diffed == listing()
+        adapter.close()
+
+    run_in_netns(body)
+
+
 def test_a_changed_bypass_list_is_applied_as_element_changes_equal_to_a_replace() -> None:
     """A Reload of a changed list (some entries gone, some new, one grown from the same start,
     one merged with its neighbour, an IPv6 one) is a diff of the bypass sets, and the kernel then
@@ -114,28 +147,10 @@ def test_a_changed_bypass_list_is_applied_as_element_changes_equal_to_a_replace(
     )
     old = dataclasses.replace(SCENARIOS["default"], bypass=union(RESERVED, old_user))
     new = dataclasses.replace(SCENARIOS["default"], bypass=union(RESERVED, new_user))
-
-    def listing() -> str:
-        return sh("nft list set inet tproxyd bypass4") + sh("nft list set inet tproxyd bypass6")
-
-    def body() -> None:
-        adapter = NftablesAdapter()
-        asyncio.run(adapter.replace(old))
-        changes = element_changes(old, new)
-        assert changes is not None, "a small change of the bypass list must not need a full replace"
-        assert {c.set_name for c in changes} == {"bypass4", "bypass6"}
-        SetElementWriter("tproxyd").apply(changes)
-        diffed = listing()
-        for address in ("198.51.100.100", "203.0.113.200", "9.9.9.9", "9.9.10.1"):
-            assert _contains("bypass4", address), address
-        for address in ("203.0.113.1", "9.9.11.1"):
-            assert not _contains("bypass4", address), address
-        assert _contains("bypass6", "2001:db8:bb::1") and not _contains("bypass6", "2001:db8:aa::1")
-        asyncio.run(adapter.replace(new))
-        assert diffed == listing()
-        adapter.close()
-
-    run_in_netns(body)
+    added, gone = ["198.51.100.100", "203.0.113.200", "9.9.10.1", "2001:db8:bb::1"], ["203.0.113.1", "2001:db8:aa::1"]
+    assert all(_in(new.bypass.v6 if ":" in a else new.bypass.v4, a) for a in added)
+    assert not any(_in(new.bypass.v6 if ":" in a else new.bypass.v4, a) for a in gone)
+    _diff_equals_a_replace(old, new, [*added, *gone, "9.9.9.9", "9.9.11.1"])
 
 
 @pytest.mark.parametrize(
@@ -154,30 +169,8 @@ def test_bypass_changes_at_the_ends_of_the_address_space_equal_a_replace(
     unchanged = [f"9.9.{i}.0/24" for i in range(0, 100, 2)] + ["2001:db8:77::/48"]  # not a wholesale change
     old = dataclasses.replace(SCENARIOS["default"], bypass=parse_cidrs(old_cidrs + unchanged, "t"))
     new = dataclasses.replace(SCENARIOS["default"], bypass=parse_cidrs(new_cidrs + unchanged, "t"))
-
-    def listing() -> str:
-        return sh("nft list set inet tproxyd bypass4") + sh("nft list set inet tproxyd bypass6")
-
-    def body() -> None:
-        adapter = NftablesAdapter()
-        asyncio.run(adapter.replace(old))
-        changes = element_changes(old, new)
-        assert changes is not None
-        SetElementWriter("tproxyd").apply(changes)
-        diffed = listing()
-        for address in ("0.0.0.0", "0.0.1.1", "1.0.0.1", "255.255.255.255", "255.255.254.1", "198.51.100.1"):
-            expected = _in(new.bypass.v4, address)
-            assert _contains("bypass4", address) == expected, address
-        asyncio.run(adapter.replace(new))
-        assert diffed == listing()
-        adapter.close()
-
-    run_in_netns(body)
-
-
-def _in(intervals: Sequence[Interval], address: str) -> bool:
-    value = int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big")
-    return any(iv.first <= value <= iv.last for iv in intervals)
+    probes = ["0.0.0.0", "0.0.1.1", "1.0.0.1", "255.255.255.255", "255.255.254.1", "198.51.100.1", "::1", "::"]
+    _diff_equals_a_replace(old, new, probes)
 
 
 def test_element_update_errors_are_atomic_and_reported() -> None:
