@@ -77,16 +77,6 @@ def decode(data: bytes, path: Path, what: str) -> str:
         raise ConfigError(f"{what} {path} is not UTF-8 text") from None
 
 
-def read_lines(
-    path: Path, max_bytes: int, max_lines: int, what: str, section: str, cancel: threading.Event | None = None
-) -> Iterator[str]:
-    """The lines of `path` within both limits (`section` names where they are set, e.g.
-    "[bypass]"); iterating raises Cancelled soon after `cancel` is set."""
-    return lines_within(
-        read_text(path, max_bytes, what, f"{section} max_file_bytes"), path, max_lines, what, section, cancel
-    )
-
-
 def lines_within(
     text: str, path: Path, max_lines: int, what: str, section: str, cancel: threading.Event | None = None
 ) -> Iterator[str]:

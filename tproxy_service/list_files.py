@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .bounded_read import check_line_count, decode, lines_within, read_bytes, read_lines
+from .bounded_read import check_line_count, decode, lines_within, read_bytes
 from .cidrs import parse_cidr_lines
 from .list_cache import ListCache
 from .model import DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_FILE_LINES, AddressSet
+
+_BYTES_LIMIT = "[bypass] max_file_bytes"
 
 
 def load_cidr_file(
@@ -24,8 +26,7 @@ def load_cidr_file(
 ) -> AddressSet:
     """A CIDR list file within the [bypass] limits; raises ConfigError, or Cancelled once
     `cancel` is set."""
-    lines = read_lines(path, max_bytes, max_lines, "CIDR list file", "[bypass]", cancel)
-    return parse_cidr_lines(lines, str(path))
+    return parse_list_bytes(read_bytes(path, max_bytes, "CIDR list file", _BYTES_LIMIT), path, max_lines, cancel)
 
 
 def parse_list_bytes(data: bytes, path: Path, max_lines: int, cancel: threading.Event | None = None) -> AddressSet:
@@ -79,7 +80,7 @@ def load_cidr_file_cached(
         if cache is not None:
             cache.keep(known.digest)
         return known.addresses
-    data = read_bytes(path, max_bytes, "CIDR list file", "[bypass] max_file_bytes")
+    data = read_bytes(path, max_bytes, "CIDR list file", _BYTES_LIMIT)
     digest = hashlib.sha256(data).digest()
     if cache is not None:
         cache.keep(digest)
