@@ -12,10 +12,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 
+from .atomic_file import write_atomic
 from .bounded_read import read_bytes
 from .errors import ConfigError
 from .model import AddressSet
@@ -61,20 +60,10 @@ class ListCache:
     def put(self, digest: bytes, addresses: AddressSet) -> None:
         """Keep `addresses` for the content hashing to `digest`; a failure only costs a parse."""
         body = _MAGIC + addresses.to_bytes()
-        path = self._entry(digest)
-        tmp: str | None = None
-        try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # No fsync: a cache needs no durability (a torn entry fails its checksum).
-            fd, tmp = tempfile.mkstemp(prefix=".entry.", dir=self.directory)
-            with os.fdopen(fd, "wb") as f:
-                f.write(body + hashlib.sha256(body).digest())
-            os.replace(tmp, path)
+        try:  # not durable: a torn entry fails its checksum and is parsed anew
+            write_atomic(self._entry(digest), body + hashlib.sha256(body).digest(), 0o600, durable=False)
         except OSError as e:
             log.warning("cannot keep the parsed list in %s: %s", self.directory, e)
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
 
     def prune(self) -> None:
         """Remove the entries of lists this config no longer names (and stray temp files)."""
