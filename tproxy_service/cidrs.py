@@ -113,7 +113,7 @@ def _union4(parts: list[PackedIntervals]) -> PackedIntervals:
     anything else in bulk."""
     parts = sorted(parts, key=len)
     if parts and sum(map(len, parts[:-1])) <= _FEW:
-        few = [first << 32 | last for part in parts[:-1] for first, last in part.bounds()]
+        few = [key for part in parts[:-1] for key in ipv4_keys.words(part.data)]
         return PackedIntervals(4, ipv4_keys.insert(parts[-1].data, few))
     return _packed4([key for part in parts for key in ipv4_keys.unpack(part.data)])
 

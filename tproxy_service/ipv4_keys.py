@@ -115,6 +115,7 @@ def insert(packed: bytes, keys: Iterable[int]) -> bytes:
     return _packed(words)
 
 
-def iterate(packed: bytes) -> Iterable[int]:
-    """The keys of `packed` one at a time (no list of them all)."""
-    return iter(_words(packed))
+def words(packed: bytes) -> Iterable[int]:
+    """The keys of `packed`, iterable any number of times, with no int object per key until
+    one is taken (an array, not a list)."""
+    return _words(packed)

@@ -156,8 +156,8 @@ class PackedIntervals(Sequence[Interval]):
         """(first, last) pairs, without making Interval objects."""
         w, data = self.width, self.data
         if w == 4:  # at C speed, and one key at a time: a 100k-entry set is walked on every replace
-            firsts, lasts = ipv4_keys.iterate(data), ipv4_keys.iterate(data)
-            return zip(map(rshift, firsts, repeat(32)), map(and_, lasts, repeat(ipv4_keys.LOW)), strict=True)
+            keys = ipv4_keys.words(data)
+            return zip(map(rshift, keys, repeat(32)), map(and_, keys, repeat(ipv4_keys.LOW)), strict=True)
         return self._wide_bounds()
 
     def _wide_bounds(self) -> Iterator[tuple[int, int]]:
